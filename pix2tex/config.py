@@ -163,8 +163,31 @@ def _merge(defaults: dict, given: dict, where: str, prefix: str = "") -> dict:
             else:
                 out[key] = _merge(defaults[key], value, where, full + ".")
         else:
-            out[key] = value
+            out[key] = _typed(defaults[key], value, f"{where}: '{full}'")
     return out
+
+
+def _typed(default: Any, value: Any, where: str) -> Any:
+    """`value` checked against the default's type. PyYAML reads `3e-4` as a string (YAML 1.1
+    wants `3.0e-4`), so numeric strings become numbers where the default is a number."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+    elif isinstance(default, (int, float)):
+        if isinstance(value, str):
+            try:
+                value = float(value) if isinstance(default, float) else int(value)
+            except ValueError:
+                raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if isinstance(default, float):
+            value = float(value)
+    elif isinstance(default, list) and not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where} must be a list like {default!r}, got {value!r}")
+    return value
 
 
 def parse_value(text: str) -> Any:

@@ -1,0 +1,81 @@
+"""Config loading: defaults, overrides, validation errors that name the key, LaTeX-OCR migration."""
+import pytest
+import yaml
+
+from pix2tex.config import ConfigError, DEFAULTS, load_config, to_dict
+
+
+def write(tmp_path, data, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_and_file_values(tmp_path):
+    cfg = load_config(write(tmp_path, {"dim": 64, "optimizer": {"lr": 3e-4}}))
+    assert cfg.dim == 64
+    assert cfg.optimizer.lr == 3e-4
+    assert cfg.optimizer.name == DEFAULTS["optimizer"]["name"]  # untouched siblings keep defaults
+    assert cfg.heads == DEFAULTS["heads"]
+
+
+def test_misspelled_key_names_key_file_and_suggestion(tmp_path):
+    path = write(tmp_path, {"batchsise": 8})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "batchsise" in msg and str(path) in msg and "batchsize" in msg
+
+
+def test_misspelled_nested_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"optimizer\.lrr.*optimizer|'lr'"):
+        load_config(write(tmp_path, {"optimizer": {"lrr": 1}}))
+
+
+def test_dotted_overrides_are_typed_and_validated(tmp_path):
+    path = write(tmp_path, {"batchsize": 4})
+    cfg = load_config(path, ["batchsize=8", "optimizer.lr=3e-4", "backbone_layers=[1,1,1]",
+                             "load_ckpt=null", "deterministic=true"])
+    assert cfg.batchsize == 8 and cfg.optimizer.lr == 3e-4
+    assert cfg.backbone_layers == [1, 1, 1] and cfg.load_ckpt is None and cfg.deterministic is True
+    with pytest.raises(ConfigError, match="optimiser"):
+        load_config(path, ["optimiser.lr=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(path, ["batchsize"])
+
+
+def test_latex_ocr_config_migrates_with_notes(tmp_path):
+    latex_ocr = {"lr": 0.001, "betas": [0.9, 0.999], "optimizer": "Adam", "scheduler": "StepLR",
+                 "lr_step": 30, "gamma": 0.9995, "load_chkpt": None, "dim": 256}
+    cfg = load_config(write(tmp_path, latex_ocr))
+    assert cfg.optimizer.name == "Adam" and cfg.optimizer.lr == 0.001
+    assert cfg.scheduler.name == "step" and cfg.scheduler.step_size == 30
+    assert any("'lr' is now 'optimizer.lr'" in n for n in cfg.notes)
+
+
+def test_value_errors(tmp_path):
+    with pytest.raises(ConfigError, match="max_width"):
+        load_config(write(tmp_path, {"max_width": 100}))
+    with pytest.raises(ConfigError, match="micro_batchsize"):
+        load_config(write(tmp_path, {"batchsize": 10, "micro_batchsize": 3}))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_to_dict_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, {"dim": 32}))
+    plain = to_dict(cfg)
+    assert type(plain["optimizer"]) is dict and plain["dim"] == 32
+    again = load_config(write(tmp_path, plain, "again.yaml"))
+    assert to_dict(again) == plain
+
+
+def test_yaml_exponent_floats_and_type_errors(tmp_path):
+    # PyYAML reads `3e-4` as a string; a user writing it in a file must still get a float.
+    path = tmp_path / "e.yaml"
+    path.write_text("optimizer:\n  lr: 3e-4\n")
+    assert load_config(path).optimizer.lr == 3e-4
+    with pytest.raises(ConfigError, match="'batchsize' must be a number"):
+        load_config(write(tmp_path, {"batchsize": "many"}))
+    with pytest.raises(ConfigError, match="'deterministic' must be true or false"):
+        load_config(write(tmp_path, {"deterministic": "yes please"}))
