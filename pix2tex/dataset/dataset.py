@@ -1,0 +1,516 @@
+"""Im2LatexDataset: rendered formula images, bucketed by exact size, served as whole batches.
+
+A dataset is built from a folder of images `{i:07d}.png` and the formula list they were rendered
+from (image i <-> line i), plus a tokenizer. Formulas are tokenized once, at build time. Images
+whose size, formula length or readability rule them out are counted in a `BuildReport`.
+
+Batches: every batch holds images of one size (width, height), so no padding is needed. The batch
+plan of an epoch is a pure function of (seed, epoch) and the augmentation of a batch a pure
+function of (seed, epoch, batch index): a resumed run sees exactly the data an uninterrupted run
+would, whatever the number of DataLoader workers.
+
+    images: float32 [B, 1, H, W], normalized with transforms.MEAN/STD
+    tgt:    int64   [B, T] = BOS, tokens, EOS, then PAD  (T = longest in the batch + 2)
+
+A `.pkl` is a plain dict (lists, strings, ints, bytes) with image and tokenizer paths relative to
+the pkl's folder, read back through a restricted unpickler.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, LatexTokenizer, load_tokenizer
+
+# torch and albumentations (.transforms) are imported where batches are loaded: building a pkl
+# needs neither, and importing them costs seconds.
+
+FORMAT = "pix2tex.Im2LatexDataset"
+VERSION = 1
+
+# Settings that `update` may change, with their defaults. Dimensions are (width, height).
+SETTINGS = {
+    "batchsize": 16,
+    "shuffle": True,
+    "max_seq_len": 512,  # BOS + tokens + EOS
+    "min_dimensions": (32, 32),
+    "max_dimensions": (672, 192),
+    "transform": "test",  # 'train' (augmentation) | 'test' (normalization only)
+    "seed": 0,
+    "keep_smaller_batches": False,  # keep the last, smaller batch of each size bucket
+    "epoch": 0,  # the epoch that `iter(dataset)` and `len(dataset)` refer to
+}
+
+
+class DatasetError(ValueError):
+    """A dataset file, image or setting that cannot be used; the message names it."""
+
+
+class Sample(NamedTuple):
+    path: str  # relative to the dataset's `root`
+    formula: str
+    width: int
+    height: int
+
+
+@dataclass
+class BuildReport:
+    formulas: int = 0  # lines in the formula file
+    kept: int = 0  # samples in the dataset's batches under the build settings
+    empty: int = 0  # blank formula lines
+    missing: int = 0  # no image: the renderer rejected the formula
+    corrupt: list = field(default_factory=list)  # [(path, reason)] unreadable images
+    too_small: int = 0
+    too_large: int = 0
+    too_long: int = 0  # BOS + tokens + EOS > max_seq_len
+
+    def summary(self) -> str:
+        lines = [f"formulas {self.formulas}: kept {self.kept}, missing image {self.missing}, "
+                 f"corrupt {len(self.corrupt)}, empty {self.empty}, too small {self.too_small}, "
+                 f"too large {self.too_large}, too long {self.too_long}"]
+        lines += [f"  corrupt image {p}: {why}" for p, why in self.corrupt[:20]]
+        if len(self.corrupt) > 20:
+            lines.append(f"  ... and {len(self.corrupt) - 20} more corrupt images")
+        return "\n".join(lines)
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Reads only plain data: a pkl that names any other global (os.system, ...) is refused."""
+
+    ALLOWED = {("builtins", "set"), ("builtins", "frozenset"), ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    """(width, height) from the header, after checking the file's chunks (catches torn files)."""
+    with Image.open(path) as im:
+        size = im.size
+        im.verify()
+    return size
+
+
+def _read_image(path: str) -> np.ndarray:
+    """Grayscale uint8 [H, W]; transparent pixels become white paper."""
+    with Image.open(path) as im:
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(white, im)
+        return np.asarray(im.convert("L"))
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pkl", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _rebase(paths: Sequence[str], old_root: str, new_root: str) -> list[str]:
+    """Paths relative to `old_root` made relative to `new_root` (one relpath per folder: fast)."""
+    cache: dict[str, str] = {}
+    out = []
+    for p in paths:
+        folder, name = os.path.split(p)
+        if folder not in cache:
+            cache[folder] = os.path.relpath(os.path.join(old_root, folder), new_root)
+        out.append(os.path.normpath(os.path.join(cache[folder], name)))
+    return out
+
+
+def read_formula_lines(path: str | os.PathLike) -> list[str]:
+    """Line i of the file is formula i (image `{i:07d}.png`); a trailing newline ends the last line."""
+    with open(path, encoding="utf-8") as f:  # read exactly as dataset_tools/render.py does
+        lines = f.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+class Im2LatexDataset:
+    """Formula images + token ids, bucketed by size. See the module docstring for the batches."""
+
+    def __init__(self, root: str, paths: Sequence[str], formulas: Sequence[str], widths: Sequence[int],
+                 heights: Sequence[int], ids: Sequence[np.ndarray], tokenizer_path: str | None = None,
+                 **settings):
+        if not (len(paths) == len(formulas) == len(widths) == len(heights) == len(ids)):
+            raise DatasetError("paths, formulas, widths, heights and ids must have the same length")
+        self.root = os.path.abspath(root)
+        self.paths = list(paths)
+        self.formulas = list(formulas)
+        self.widths = [int(w) for w in widths]
+        self.heights = [int(h) for h in heights]
+        self.ids = [np.asarray(t, dtype=np.int32) for t in ids]
+        self.tokenizer_path = os.path.abspath(tokenizer_path) if tokenizer_path else None
+        self.report: BuildReport | None = None
+        for key, value in SETTINGS.items():
+            setattr(self, key, value)
+        self._reset_caches()
+        self.update(**settings)
+
+    # --- building -------------------------------------------------------------------------
+    @classmethod
+    def build(cls, images_dir: str | os.PathLike, formulas_file: str | os.PathLike,
+              tokenizer: str | os.PathLike | LatexTokenizer, *, progress: bool = False,
+              **settings) -> "Im2LatexDataset":
+        """Pair `images_dir/{i:07d}.png` with line i of `formulas_file`; `settings` as in `update`.
+        Missing images are counted, unreadable ones listed with their path in `dataset.report`."""
+        root = os.path.abspath(images_dir)
+        if not os.path.isdir(root):
+            raise DatasetError(f"images folder not found: {root}")
+        tok = tokenizer if isinstance(tokenizer, LatexTokenizer) else load_tokenizer(tokenizer)
+        lines = read_formula_lines(formulas_file)
+        existing = set(os.listdir(root))
+        report = BuildReport(formulas=len(lines))
+        paths, formulas, widths, heights = [], [], [], []
+        items = enumerate(lines)
+        if progress:
+            from tqdm import tqdm
+            items = tqdm(items, total=len(lines), desc=f"reading {os.path.basename(root)}", unit="img")
+        for i, line in items:
+            formula = " ".join(line.split())
+            name = f"{i:07d}.png"
+            if not formula:
+                report.empty += 1
+                continue
+            if name not in existing:
+                report.missing += 1
+                continue
+            try:
+                w, h = _image_size(os.path.join(root, name))
+            except Exception as e:  # PIL raises many types for broken files
+                report.corrupt.append((os.path.join(root, name), f"{type(e).__name__}: {e}"))
+                continue
+            paths.append(name)
+            formulas.append(formula)
+            widths.append(w)
+            heights.append(h)
+        ids = [np.asarray(t, dtype=np.int32) for t in tok.encode_batch(formulas)]
+        ds = cls(root, paths, formulas, widths, heights, ids, tok.path, **settings)
+        ds._tokenizer = tok
+        reasons = ds._reasons()
+        report.too_small = reasons.count("too_small")
+        report.too_large = reasons.count("too_large")
+        report.too_long = reasons.count("too_long")
+        report.kept = reasons.count(None)
+        ds.report = report
+        return ds
+
+    # --- settings -------------------------------------------------------------------------
+    def update(self, **settings) -> "Im2LatexDataset":
+        """Change settings (see SETTINGS); `test=True/False` is LaTeX-OCR's spelling of transform."""
+        for key, value in settings.items():
+            if key == "test":
+                key, value = "transform", "test" if value else "train"
+            if key not in SETTINGS:
+                raise DatasetError(f"unknown dataset setting '{key}'; valid: {', '.join(SETTINGS)}, test")
+            if key in ("min_dimensions", "max_dimensions"):
+                if len(value) != 2 or min(int(v) for v in value) <= 0:
+                    raise DatasetError(f"{key} must be (width, height) > 0, got {value!r}")
+                value = (int(value[0]), int(value[1]))
+            elif key in ("batchsize", "max_seq_len", "seed", "epoch"):
+                low = 1 if key in ("batchsize", "max_seq_len") else 0
+                if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+                    raise DatasetError(f"{key} must be an integer >= {low}, got {value!r}")
+                value = int(value)
+            elif key == "transform" and value not in ("train", "test"):
+                raise DatasetError(f"transform must be 'train' or 'test', got {value!r}")
+            elif key in ("shuffle", "keep_smaller_batches"):
+                value = bool(value)
+            if key == "transform" and value != self.transform:
+                self._transform = None
+            setattr(self, key, value)
+        self._indices = None
+        self._plan = None
+        return self
+
+    def settings(self) -> dict:
+        return {key: getattr(self, key) for key in SETTINGS}
+
+    def _reset_caches(self) -> None:
+        self._indices: list[int] | None = None  # samples that pass the filters
+        self._plan: tuple[int, list[list[int]]] | None = None  # (epoch, plan)
+        self._transform = None
+        self._tokenizer: LatexTokenizer | None = None
+        self._samples: list[Sample] | None = None
+
+    def __getstate__(self) -> dict:  # DataLoader workers under spawn: drop what is rebuilt lazily
+        state = self.__dict__.copy()
+        state.update(_transform=None, _tokenizer=None)
+        return state
+
+    # --- samples --------------------------------------------------------------------------
+    def _reasons(self) -> list[str | None]:
+        """Why each sample is out under the current settings (None: it is in)."""
+        (min_w, min_h), (max_w, max_h) = self.min_dimensions, self.max_dimensions
+        out = []
+        for w, h, t in zip(self.widths, self.heights, self.ids):
+            if w < min_w or h < min_h:
+                out.append("too_small")
+            elif w > max_w or h > max_h:
+                out.append("too_large")
+            elif len(t) + 2 > self.max_seq_len:
+                out.append("too_long")
+            else:
+                out.append(None)
+        return out
+
+    @property
+    def indices(self) -> list[int]:
+        """Indices of the samples that pass the size and length filters."""
+        if self._indices is None:
+            self._indices = [i for i, r in enumerate(self._reasons()) if r is None]
+        return self._indices
+
+    @property
+    def samples(self) -> list[Sample]:
+        """All stored samples (index i as in `image_path(i)`), filtered or not. Read-only."""
+        if self._samples is None:
+            self._samples = [Sample(*s) for s in zip(self.paths, self.formulas, self.widths, self.heights)]
+        return self._samples
+
+    def image_path(self, i: int) -> str:
+        return os.path.join(self.root, self.paths[i])
+
+    def formula(self, i: int) -> str:
+        return self.formulas[i]
+
+    @property
+    def tokenizer(self) -> LatexTokenizer:
+        if self._tokenizer is None:
+            if self.tokenizer_path is None:
+                raise DatasetError("this dataset has no tokenizer path")
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    def buckets(self) -> dict[tuple[int, int], list[int]]:
+        """Sample indices by image size (width, height), in sample order."""
+        out: dict[tuple[int, int], list[int]] = {}
+        for i in self.indices:
+            out.setdefault((self.widths[i], self.heights[i]), []).append(i)
+        return out
+
+    # --- batches --------------------------------------------------------------------------
+    def batch_plan(self, epoch: int | None = None) -> list[list[int]]:
+        """The batches of an epoch as lists of sample indices: a pure function of (seed, epoch)
+        and the settings. With `shuffle`, samples are shuffled within each size bucket and the
+        batches across buckets."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        if self._plan is not None and self._plan[0] == epoch:
+            return self._plan[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        batches = []
+        for key, idx in sorted(self.buckets().items()):
+            idx = np.asarray(idx)
+            if self.shuffle:
+                idx = rng.permutation(idx)
+            for s in range(0, len(idx), self.batchsize):
+                chunk = idx[s:s + self.batchsize]
+                if len(chunk) == self.batchsize or self.keep_smaller_batches:
+                    batches.append(chunk.tolist())
+        if self.shuffle:
+            batches = [batches[j] for j in rng.permutation(len(batches))]
+        self._plan = (epoch, batches)
+        return batches
+
+    def _get_transform(self):
+        if self._transform is None:
+            from .transforms import get_transform
+            self._transform = get_transform(self.transform)
+        return self._transform
+
+    def load_batch(self, indices: Sequence[int], epoch: int = 0, batch_index: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images [B,1,H,W] float32, tgt [B,T] int64) of the given samples. With the train
+        transform, the augmentation is seeded by (seed, epoch, batch_index)."""
+        import torch
+
+        from .transforms import seed_transform
+        if len(indices) == 0:
+            raise DatasetError("load_batch needs at least one sample index")
+        tf = self._get_transform()
+        if self.transform == "train":
+            seed = np.random.SeedSequence([self.seed, int(epoch), int(batch_index)]).generate_state(1, np.uint64)[0]
+            seed_transform(tf, int(seed))
+        images = []
+        size = (self.widths[indices[0]], self.heights[indices[0]])
+        for i in indices:
+            img = _read_image(self.image_path(i))
+            if (img.shape[1], img.shape[0]) != (self.widths[i], self.heights[i]):
+                raise DatasetError(f"{self.image_path(i)}: image is {img.shape[1]}x{img.shape[0]}, the "
+                                   f"dataset recorded {self.widths[i]}x{self.heights[i]}; rebuild the pkl")
+            if (self.widths[i], self.heights[i]) != size:
+                raise DatasetError(f"load_batch: sample {i} is {self.widths[i]}x{self.heights[i]}, sample "
+                                   f"{indices[0]} is {size[0]}x{size[1]}; a batch must share one size")
+            images.append(tf(image=img)["image"])
+        lengths = [len(self.ids[i]) for i in indices]
+        tgt = torch.full((len(indices), max(lengths) + 2), PAD_ID, dtype=torch.long)
+        for row, i in enumerate(indices):
+            n = lengths[row]
+            tgt[row, 0] = BOS_ID
+            tgt[row, 1:n + 1] = torch.from_numpy(self.ids[i].astype(np.int64))
+            tgt[row, n + 1] = EOS_ID
+        return torch.stack(images).float(), tgt
+
+    def __len__(self) -> int:
+        """Number of batches in epoch `self.epoch`."""
+        return len(self.batch_plan(self.epoch))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self.epoch
+        for b, idx in enumerate(self.batch_plan(epoch)):
+            yield self.load_batch(idx, epoch, b)
+
+    # --- combine, save, load --------------------------------------------------------------
+    def combine(self, other: "Im2LatexDataset") -> "Im2LatexDataset":
+        """Append `other`'s samples to this dataset (in place; returns self)."""
+        if other.tokenizer_path and self.tokenizer_path and other.tokenizer_path != self.tokenizer_path:
+            same = False
+            try:
+                with open(self.tokenizer_path, "rb") as a, open(other.tokenizer_path, "rb") as b:
+                    same = a.read() == b.read()
+            except OSError:
+                pass
+            if not same:
+                raise DatasetError(f"cannot combine datasets with different tokenizers: "
+                                   f"{self.tokenizer_path} and {other.tokenizer_path}")
+        self.paths += _rebase(other.paths, other.root, self.root)
+        self.formulas += other.formulas
+        self.widths += other.widths
+        self.heights += other.heights
+        self.ids += other.ids
+        self.tokenizer_path = self.tokenizer_path or other.tokenizer_path
+        self.report = None
+        self._indices = self._plan = self._samples = None
+        return self
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the pkl atomically; image and tokenizer paths are stored relative to its folder."""
+        path = os.path.abspath(path)
+        folder = os.path.dirname(path)
+        state = {
+            "format": FORMAT,
+            "version": VERSION,
+            "paths": _rebase(self.paths, self.root, folder),
+            "formulas": self.formulas,
+            "widths": self.widths,
+            "heights": self.heights,
+            "lengths": [len(t) for t in self.ids],
+            "ids": b"".join(np.asarray(t, dtype="<i4").tobytes() for t in self.ids),
+            "tokenizer": os.path.relpath(self.tokenizer_path, folder) if self.tokenizer_path else None,
+            "settings": self.settings(),
+            "report": asdict(self.report) if self.report else None,
+        }
+        _atomic_write(path, pickle.dumps(state, protocol=4))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Im2LatexDataset":
+        """Read a pkl written by `save`; any other pickle is refused without running its code."""
+        path = os.path.abspath(path)
+        if not os.path.isfile(path):
+            raise DatasetError(f"dataset file not found: {path}")
+        try:
+            with open(path, "rb") as f:
+                state = _SafeUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise DatasetError(f"{path}: refused to load: {e}. Only pkls written by pix2tex's "
+                               f"Im2LatexDataset.save are read (a LaTeX-OCR pkl must be rebuilt with "
+                               f"`python -m pix2tex.dataset.dataset` or ./create_data.sh)") from None
+        except Exception as e:
+            raise DatasetError(f"{path}: not a readable dataset pkl ({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise DatasetError(f"{path}: not a pix2tex dataset pkl (rebuild it with "
+                               f"`python -m pix2tex.dataset.dataset`)")
+        if state.get("version") != VERSION:
+            raise DatasetError(f"{path}: dataset format version {state.get('version')} is not "
+                               f"supported (expected {VERSION}); rebuild it")
+        folder = os.path.dirname(path)
+        flat = np.frombuffer(state["ids"], dtype="<i4").astype(np.int32)
+        ends = np.cumsum(state["lengths"], dtype=np.int64)
+        ids = np.split(flat, ends[:-1]) if len(ends) else []
+        tok = state["tokenizer"]
+        settings = {k: v for k, v in state["settings"].items() if k in SETTINGS}
+        ds = cls(folder, state["paths"], state["formulas"], state["widths"], state["heights"], ids,
+                 os.path.normpath(os.path.join(folder, tok)) if tok else None, **settings)
+        if state.get("report"):
+            ds.report = BuildReport(**state["report"])
+            ds.report.corrupt = [tuple(c) for c in ds.report.corrupt]
+        return ds
+
+
+class EpochBatches:
+    """The batches of one epoch as a map-style dataset whose items are whole batches; use it with
+    `DataLoader(EpochBatches(...), batch_size=None, num_workers=k)` (a DataLoader needs only
+    `__len__` and `__getitem__`).
+
+    Rank r of `world_size` takes batches start+r, start+r+world_size, ... of the epoch plan, and
+    every rank gets (len(plan) - start) // world_size of them (the remainder is dropped), so ranks
+    never overlap and step together. `start` skips batches already consumed (resume); the batch at
+    plan position g is always augmented with seed (seed, epoch, g), whatever the rank or world size.
+    """
+
+    def __init__(self, dataset: Im2LatexDataset, epoch: int, start: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        if start < 0:
+            raise ValueError(f"start={start} must be >= 0")
+        self.dataset, self.epoch = dataset, int(epoch)
+        plan = dataset.batch_plan(self.epoch)
+        count = max(0, (len(plan) - start) // world_size)
+        self.positions = [start + rank + j * world_size for j in range(count)]  # plan positions
+        self.batches = [plan[g] for g in self.positions]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dataset.load_batch(self.batches[j], self.epoch, self.positions[j])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Build a dataset pkl from rendered images and their formulas.")
+    ap.add_argument("--images", required=True, help="folder of {i:07d}.png images")
+    ap.add_argument("--formulas", required=True, help="formula list the images were rendered from")
+    ap.add_argument("--tokenizer", required=True, help="tokenizer.json")
+    ap.add_argument("--out", required=True, help="pkl to write")
+    ap.add_argument("--max-seq-len", type=int, default=SETTINGS["max_seq_len"])
+    ap.add_argument("--min-dims", type=int, nargs=2, metavar=("W", "H"), default=SETTINGS["min_dimensions"])
+    ap.add_argument("--max-dims", type=int, nargs=2, metavar=("W", "H"), default=SETTINGS["max_dimensions"])
+    ap.add_argument("--batchsize", type=int, default=SETTINGS["batchsize"])
+    ap.add_argument("--seed", type=int, default=SETTINGS["seed"])
+    args = ap.parse_args(argv)
+    try:
+        ds = Im2LatexDataset.build(args.images, args.formulas, args.tokenizer, progress=True,
+                                   max_seq_len=args.max_seq_len, min_dimensions=args.min_dims,
+                                   max_dimensions=args.max_dims, batchsize=args.batchsize, seed=args.seed)
+        ds.save(args.out)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"{args.out}: {ds.report.summary()}")
+    if ds.report.kept == 0:
+        print(f"warning: {args.out} has no usable samples")
+
+
+if __name__ == "__main__":
+    main()
