@@ -78,3 +78,92 @@ def load_model_weights(model: torch.nn.Module, ckpt: dict | str | os.PathLike, s
         raise CheckpointError(f"{source or 'checkpoint'} does not fit this model's architecture "
                               f"({'; '.join(detail)}); use the config it was trained with")
     model.load_state_dict(state)
+
+
+# --- what a resume needs ----------------------------------------------------------------------
+
+# Config keys that fix the shapes of the model's weights: a checkpoint trained with other values
+# cannot be resumed (or fine-tuned) with this config.
+ARCH_KEYS = ("encoder_structure", "backbone_layers", "dim", "encoder_depth", "encoder_heads",
+             "num_layers", "heads", "max_seq_len", "num_tokens", "patch_size", "channels",
+             "max_height", "max_width", "decoder_args")
+
+
+def rng_state() -> dict:
+    """Every random generator a training step may draw from: python, numpy, torch, CUDA."""
+    import random
+
+    import numpy as np
+
+    state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        # numpy's key array as a tensor: the weights-only unpickler accepts tensors, not ndarrays
+        "numpy": {"bit_generator": state["bit_generator"],
+                  "key": torch.from_numpy(state["state"]["key"].astype("int64")),
+                  "pos": state["state"]["pos"], "has_gauss": state["has_gauss"],
+                  "gauss": state["gauss"]},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` captured."""
+    import random
+
+    import numpy as np
+
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"],
+                         "state": {"key": n["key"].numpy().astype("uint32"), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def newest_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The most recently written `*.pth` in a run folder (temporary files excluded), or None."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return None
+    paths = [os.path.join(folder, f) for f in os.listdir(folder)
+             if f.endswith(".pth") and not f.startswith(".tmp-")]
+    return max(paths, key=os.path.getmtime) if paths else None
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> None:
+    """Delete temporary files that a killed `save_checkpoint` left behind."""
+    folder = os.fspath(folder)
+    if os.path.isdir(folder):
+        for f in os.listdir(folder):
+            if f.startswith(".tmp-") and f.endswith(".pth"):
+                os.unlink(os.path.join(folder, f))
+
+
+def check_compatible(ckpt: dict, cfg: dict, tokenizer_sha256: str | None, source: str) -> None:
+    """Refuse a checkpoint whose architecture or tokenizer differs from `cfg`'s, naming the keys."""
+    saved = ckpt.get("config")
+    if isinstance(saved, dict):
+        diff = [f"{k}: checkpoint {saved[k]!r} vs config {cfg[k]!r}" for k in ARCH_KEYS
+                if k in saved and k in cfg and _plain(saved[k]) != _plain(cfg[k])]
+        if diff:
+            raise CheckpointError(f"{source} was trained with another architecture ("
+                                  f"{'; '.join(diff)}); use the config it was trained with")
+    saved_tok = ckpt.get("tokenizer_sha256")
+    if saved_tok and tokenizer_sha256 and saved_tok != tokenizer_sha256:
+        raise CheckpointError(f"{source} was trained with another tokenizer "
+                              f"({ckpt.get('tokenizer')!r}, content differs from this run's); "
+                              f"token ids would not mean the same symbols: use that tokenizer")
+
+
+def _plain(value: Any) -> Any:
+    """Compare YAML-ish values without caring for list/tuple or Munch/dict differences."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -54,6 +54,8 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "precision": "auto",  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     "compile": False,  # torch.compile the model
+    "inference_precision": "auto",  # generate(): auto (bf16 on CUDA and AMX/AVX512-BF16 CPUs) | fp32 | bf16
+    "channels_last": False,  # channels-last memory format for the convolutions (faster with bf16)
     "epochs": 10,
     "max_steps": 0,  # stop after this many optimizer steps (0: no limit)
     "batchsize": 10,  # samples per optimizer step (global, over all DDP ranks)
@@ -63,10 +65,12 @@ DEFAULTS: dict[str, Any] = {
                   "eps": 1e-8, "momentum": 0.9},
     "scheduler": {"name": "none",  # none | onecycle | cosine | step | multistep
                   "warmup_steps": 0, "pct_start": 0.3, "step_size": 30, "gamma": 0.9995,
-                  "milestones": [], "min_lr": 0.0},
+                  "milestones": [], "min_lr": 0.0,
+                  "total_steps": 0},  # schedule length (0: max_steps, else all epochs)
     "grad_clip": 1.0,  # max gradient norm (0: no clipping)
     "sample_freq": 1000,  # validate every this many steps (and at each epoch end)
     "save_freq": 0,  # also save `last.pth` every this many steps (0: at validations only)
+    "log_freq": 10,  # append training loss/LR to metrics.jsonl every this many steps
     "valbatches": 100,  # validation batches that get generation metrics
     "val_beam_width": 1,
     "test_samples": 5,  # examples printed/logged at each validation

@@ -161,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batchsize", type=int, help="images per batch (default: testbatchsize)")
     p.add_argument("--beam-width", type=int, default=1, help="1: greedy/sampling; >1: beam search")
     p.add_argument("--temperature", type=float,
-                   help="0: greedy; >0: sampling (default: the config's temperature)")
+                   default=0.0, help="0: greedy (default); >0: seeded sampling at this temperature")
     p.add_argument("--num-batches", type=int, help="evaluate only the first N batches")
     p.add_argument("--output", help="output folder (default: <output_path>/eval)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: the config's device)")
@@ -250,7 +250,7 @@ def run_model(args) -> tuple[dict, list[dict], dict]:
     if not dataset.batch_plan(0):
         raise ConfigError(f"{data_path}: no sample fits max_seq_len={cfg.max_seq_len} and images "
                           f"within {cfg.max_width}x{cfg.max_height}")
-    temperature = cfg.temperature if args.temperature is None else args.temperature
+    temperature = args.temperature
     scores, records = evaluate(model, dataset, tokenizer, beam_width=args.beam_width,
                                temperature=temperature, max_batches=args.num_batches, device=device,
                                image_match=args.image_match, progress=not args.no_progress,

@@ -21,6 +21,20 @@ if ! have_tex; then
   fi
 fi
 
+# Headless Chromium and its driver: the browser test of the service's page (tests/test_serve.py).
+BROWSER_PACKAGES="chromium chromium-driver"
+if ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing headless Chromium from Debian: $BROWSER_PACKAGES"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y --no-install-recommends $BROWSER_PACKAGES >/dev/null \
+      || { apt-get update >/dev/null && apt-get install -y --no-install-recommends $BROWSER_PACKAGES >/dev/null; }
+  else
+    echo "warning: the page test (tests/test_serve.py) needs headless Chromium. Install it with:" >&2
+    echo "  sudo apt-get install -y --no-install-recommends $BROWSER_PACKAGES" >&2
+  fi
+fi
+
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"
