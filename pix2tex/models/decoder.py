@@ -1,0 +1,312 @@
+"""Transformer decoder: x-transformers modules for training, a lean KV-cached step for generation.
+
+`LatexDecoder.net` is an x-transformers `TransformerWrapper` over a `Decoder` with cross-attention
+(configured by `decoder_args`, as in LaTeX-OCR). Training and teacher forcing run through it.
+
+Generation runs one token at a time. x-transformers has its own cached path (`cache=`), but on a
+CPU its per-step Python work costs more than the arithmetic at batch 1, so `decode_step` re-reads
+the same weights in a short sequence of tensor ops (pre-norm blocks: self-attention, cross-attention,
+feed-forward) with the cache as explicit tensors:
+
+    decode_step(tokens [B], pos, cross_k, cross_v, self_k, self_v) -> (logits [B, V], k_new, v_new)
+
+`cross_k/cross_v` [Lc, B, H, N, d] are the cross-attention keys/values of the encoder memory,
+computed once per image (`cross_kv`). `self_k/self_v` [La, B, H, T, d] hold the self-attention
+keys/values of earlier positions: either buffers the step writes position `pos` into (generation,
+no copying) or exactly the past (then the step appends, for a functional graph such as an ONNX
+export). The lean step covers the decoder options in LEAN_DECODER_ARGS; any other `decoder_args`
+fall back to x-transformers' own cached path (`XTransformersState`). Tests check both against the
+uncached forward.
+
+A step at small batch reads every decoder weight once and does little arithmetic with it, so its
+floor is the weight bytes over the memory bandwidth. `_weights(precision)` lays the weights out in
+fp32, bf16 (weights, activations and caches), or int8 (dynamic quantization: per-channel int8
+weights, float32 activations; caches and attention in `cache_dtype`, bf16 where that is fast).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from x_transformers import Decoder, TransformerWrapper
+from x_transformers.x_transformers import AbsolutePositionalEmbedding, Attention, FeedForward
+from x_transformers.x_transformers import LayerNorm as XLayerNorm
+
+# decoder_args the lean step implements: key -> allowed values (None: any value). Dropout keys do
+# nothing at inference.
+LEAN_DECODER_ARGS = {
+    "cross_attend": (True,), "attn_on_attn": None, "ff_glu": None, "ff_swish": None,
+    "ff_mult": None, "attn_dim_head": None, "attn_flash": None, "rel_pos_bias": (False,),
+    "use_scalenorm": (False,), "use_rmsnorm": (False,), "rotary_pos_emb": (False,),
+    "attn_dropout": None, "ff_dropout": None, "layer_dropout": None,
+    "cross_attn_tokens_dropout": None,
+}
+
+
+def _is_identity(module) -> bool:
+    return type(module).__name__ == "Identity"  # torch's or torch_einops_utils' (x-transformers)
+
+
+def quantize_int8(weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """Per-output-channel symmetric int8 weight, packed for torch's dynamic quantized linear."""
+    scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-8).double()
+    zero = torch.zeros(weight.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # torch 2.15 marks quantized tensors deprecated; they work
+        warnings.simplefilter("ignore", UserWarning)
+        q = torch.quantize_per_channel(weight.float(), scale, zero, 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.float())
+
+
+def _linear(x: torch.Tensor, weight, bias=None) -> torch.Tensor:
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    return torch.ops.quantized.linear_dynamic(x, weight, False)  # int8 packed (bias inside)
+
+
+def lean_supported(decoder_args: dict) -> bool:
+    for key, value in decoder_args.items():
+        if key not in LEAN_DECODER_ARGS:
+            return False
+        allowed = LEAN_DECODER_ARGS[key]
+        if allowed is not None and value not in allowed:
+            return False
+    return True
+
+
+class LatexDecoder(nn.Module):
+    def __init__(self, num_tokens: int, max_seq_len: int, dim: int, depth: int, heads: int,
+                 decoder_args: dict | None = None, emb_dropout: float = 0.0):
+        super().__init__()
+        args = dict(decoder_args or {})
+        args.setdefault("cross_attend", True)
+        if not args["cross_attend"]:
+            raise ValueError("decoder_args.cross_attend must be true: the decoder reads the image "
+                             "through cross-attention")
+        self.net = TransformerWrapper(
+            num_tokens=num_tokens, max_seq_len=max_seq_len, emb_dropout=emb_dropout,
+            attn_layers=Decoder(dim=dim, depth=depth, heads=heads, **args))
+        self.max_seq_len = max_seq_len
+        self.lean = lean_supported(args)
+        if self.lean:
+            self._check_lean_structure()
+
+    # --- teacher forcing (x-transformers) -------------------------------------------------------
+    def forward(self, tgt_in: torch.Tensor, memory: torch.Tensor, return_hidden: bool = False):
+        """tgt_in [B, T] (BOS first), memory [B, N, dim] -> logits [B, T, V] (and the last hidden
+        states [B, T, dim], after the final norm)."""
+        hidden = self.net(tgt_in, context=memory, return_embeddings=True)
+        logits = self.net.to_logits(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    # --- lean KV-cached step --------------------------------------------------------------------
+    def _check_lean_structure(self) -> None:
+        """The module layout decode_step assumes; a mismatch (new x-transformers version) means
+        the lean step would compute something else, so use x-transformers' path instead."""
+        net, layers = self.net, self.net.attn_layers
+        ok = (isinstance(net.pos_emb, AbsolutePositionalEmbedding) and not net.pos_emb.l2norm_embed
+              and _is_identity(net.post_emb_norm) and _is_identity(net.project_emb)
+              and net.num_memory_tokens == 0 and getattr(net, "cls_token", None) is None
+              and isinstance(net.to_logits, nn.Linear)
+              and isinstance(layers.final_norm, XLayerNorm)
+              and set(layers.layer_types) <= {"a", "c", "f"})
+        for (norms, block, residual), kind in zip(layers.layers, layers.layer_types):
+            pre, post_branch, post_main = norms
+            ok = ok and isinstance(pre, XLayerNorm) and post_branch is None and post_main is None
+            ok = ok and type(residual).__name__ == "Residual" and residual.residual_scale is None
+            if kind in "ac":
+                ok = ok and isinstance(block, Attention) and block.num_mem_kv == 0 and \
+                    block.kv_heads == block.heads and not block.qk_norm and \
+                    block.to_v_gate is None and block.to_v_head_gate is None and not block.head_scale
+            else:
+                ok = ok and isinstance(block, FeedForward)
+        self.lean = bool(ok)
+
+    def _weights(self, precision: str | torch.dtype = "fp32",
+                 cache_dtype: torch.dtype | None = None) -> dict:
+        """The decoder's weights in the layout decode_step reads (q/k/v of each self-attention
+        concatenated into one matmul). precision: fp32 | bf16 (weights and activations; or the
+        torch dtype) | int8 (linear weights quantized per output channel and packed, float32
+        activations: dynamic quantization). cache_dtype: of the KV caches and the attention
+        (default: the activations'). Built per generate() call: a few MB."""
+        net, layers = self.net, self.net.attn_layers
+        precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(precision, precision)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+        def cast(t):
+            return None if t is None else t.detach().to(dtype)
+
+        def linear(w, b=None):  # -> (weight, bias) for _linear
+            if precision != "int8":
+                return cast(w), cast(b)
+            return quantize_int8(w.detach(), None if b is None else b.detach()), None
+
+        def norm_gamma(norm):
+            return cast(norm.gamma + float(norm.unit_offset))
+
+        blocks = []
+        for (norms, block, _), kind in zip(layers.layers, layers.layer_types):
+            gamma = norm_gamma(norms[0])
+            if kind in "ac":
+                glu = block.attn_on_attn
+                w_out = block.to_out[0].weight if glu else block.to_out.weight
+                entry = {"kind": kind, "gamma": gamma, "heads": block.heads, "glu": glu,
+                         "w_out": linear(w_out)[0]}
+                if kind == "a":
+                    entry["w_qkv"] = linear(torch.cat([block.to_q.weight, block.to_k.weight,
+                                                       block.to_v.weight]))[0]
+                else:
+                    entry["w_q"] = linear(block.to_q.weight)[0]
+                    # runs once per image: kept in float (not worth quantizing)
+                    entry["w_kv"] = cast(torch.cat([block.to_k.weight, block.to_v.weight]))
+            else:
+                proj_in, proj_out = block.ff[0], block.ff[-1]
+                glu = hasattr(proj_in, "proj")
+                lin_in, act = (proj_in.proj, proj_in.act) if glu else (proj_in[0], proj_in[-1])
+                entry = {"kind": "f", "gamma": gamma, "glu": glu, "act": act}
+                entry["w_in"], entry["b_in"] = linear(lin_in.weight, lin_in.bias)
+                entry["w_ff_out"], entry["b_ff_out"] = linear(proj_out.weight, proj_out.bias)
+            blocks.append(entry)
+        w_logits, b_logits = linear(net.to_logits.weight, net.to_logits.bias)
+        return {"blocks": blocks, "dtype": dtype, "precision": precision,
+                "cache_dtype": cache_dtype or dtype,
+                "tok": cast(net.token_emb.emb.weight),
+                "pos": cast(net.pos_emb.emb.weight * net.pos_emb.scale),
+                "final_gamma": norm_gamma(layers.final_norm),
+                "w_logits": w_logits, "b_logits": b_logits}
+
+    def cross_kv(self, memory: torch.Tensor, weights: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory [B, N, dim] -> cross-attention keys and values, each [Lc, B, H, N, d]."""
+        memory = memory.to(weights["dtype"])
+        B, N, _ = memory.shape
+        ks, vs = [], []
+        for blk in weights["blocks"]:
+            if blk["kind"] == "c":
+                H = blk["heads"]
+                kv = _linear(memory, blk["w_kv"]).view(B, N, 2, H, -1).permute(2, 0, 3, 1, 4)
+                ks.append(kv[0])
+                vs.append(kv[1])
+        cache_dtype = weights["cache_dtype"]
+        return (torch.stack(ks).to(cache_dtype).contiguous(),
+                torch.stack(vs).to(cache_dtype).contiguous())
+
+    def decode_step(self, tokens: torch.Tensor, pos: int, cross_k: torch.Tensor,
+                    cross_v: torch.Tensor, self_k: torch.Tensor, self_v: torch.Tensor,
+                    weights: dict, inplace: bool = True):
+        """One decoder position for a batch.
+
+        tokens [B]: the token at position `pos` (BOS at 0). inplace=True: self_k/self_v are buffers
+        with room for position `pos`, which this step writes (earlier positions already there).
+        inplace=False: self_k/self_v hold exactly positions 0..pos-1 and are not modified.
+        Returns logits [B, V] for position pos+1 and this position's keys/values [La, B, H, 1, d].
+        """
+        B = tokens.shape[0]
+        x = (weights["tok"][tokens] + weights["pos"][pos])[:, None, :]  # [B, 1, dim]
+        dim = x.shape[-1]
+        a = c = 0
+        new_k, new_v = [], []
+        for blk in weights["blocks"]:
+            h = F.layer_norm(x, (dim,), blk["gamma"])
+            kind = blk["kind"]
+            if kind == "a":
+                H = blk["heads"]
+                qkv = _linear(h, blk["w_qkv"]).to(cross_k.dtype)
+                q, k, v = qkv.view(B, 1, 3, H, -1).permute(2, 0, 3, 1, 4)
+                new_k.append(k)
+                new_v.append(v)
+                if inplace:
+                    self_k[a, :, :, pos] = k[:, :, 0]
+                    self_v[a, :, :, pos] = v[:, :, 0]
+                    keys, values = self_k[a, :, :, :pos + 1], self_v[a, :, :, :pos + 1]
+                else:
+                    keys, values = torch.cat([self_k[a], k], 2), torch.cat([self_v[a], v], 2)
+                out = F.scaled_dot_product_attention(q, keys, values)
+                a += 1
+            elif kind == "c":
+                H = blk["heads"]
+                q = _linear(h, blk["w_q"]).view(B, 1, H, -1).transpose(1, 2)
+                out = F.scaled_dot_product_attention(q.to(cross_k.dtype), cross_k[c], cross_v[c])
+                c += 1
+            if kind in "ac":
+                out = out.transpose(1, 2).reshape(B, 1, -1).to(x.dtype)
+                out = _linear(out, blk["w_out"])
+                if blk["glu"]:
+                    out = F.glu(out, dim=-1)
+            else:
+                out = _linear(h, blk["w_in"], blk["b_in"])
+                if blk["glu"]:
+                    up, gate = out.chunk(2, dim=-1)
+                    out = up * blk["act"](gate)
+                else:
+                    out = blk["act"](out)
+                out = _linear(out, blk["w_ff_out"], blk["b_ff_out"])
+            x = x + out
+        x = F.layer_norm(x, (dim,), weights["final_gamma"])
+        logits = _linear(x[:, 0], weights["w_logits"], weights["b_logits"])
+        return logits, torch.stack(new_k), torch.stack(new_v)
+
+    def start(self, memory: torch.Tensor, max_len: int, beams: int = 1, precision: str = "fp32",
+              cache_dtype: torch.dtype | None = None):
+        """Decoding state for `memory` [B, N, dim], each image repeated `beams` times (rows
+        b*beams ... b*beams+beams-1), with room for `max_len` positions."""
+        if self.lean:
+            return LeanState(self, memory, max_len, beams, precision, cache_dtype)
+        return XTransformersState(self, memory, beams)
+
+
+class LeanState:
+    """Preallocated KV cache + decode_step. step(tokens) -> float logits; select(rows) keeps rows."""
+
+    def __init__(self, decoder: LatexDecoder, memory: torch.Tensor, max_len: int, beams: int,
+                 precision: str, cache_dtype: torch.dtype | None = None):
+        self.decoder, self.weights = decoder, decoder._weights(precision, cache_dtype)
+        self.cross_k, self.cross_v = decoder.cross_kv(memory, self.weights)
+        if beams > 1:  # the encoder and the cross keys/values ran once per image
+            self.cross_k = self.cross_k.repeat_interleave(beams, dim=1)
+            self.cross_v = self.cross_v.repeat_interleave(beams, dim=1)
+        La = sum(b["kind"] == "a" for b in self.weights["blocks"])
+        _, B, H, _, d = self.cross_k.shape
+        self.self_k = self.cross_k.new_empty(La, B, H, max_len, d)
+        self.self_v = torch.empty_like(self.self_k)
+        self.pos = 0
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits, _, _ = self.decoder.decode_step(tokens, self.pos, self.cross_k, self.cross_v,
+                                                self.self_k, self.self_v, self.weights)
+        self.pos += 1
+        return logits.float()
+
+    def select(self, rows: torch.Tensor, cross: bool = True) -> None:
+        """Keep batch rows `rows` (in that order). cross=False when the rows come from the same
+        images in the same positions (beam reordering): the cross cache is unchanged then."""
+        if cross:
+            self.cross_k, self.cross_v = self.cross_k[:, rows], self.cross_v[:, rows]
+        k = self.self_k.new_empty(self.self_k.shape[0], len(rows), *self.self_k.shape[2:])
+        v = torch.empty_like(k)
+        k[:, :, :, :self.pos] = self.self_k[:, rows, :, :self.pos]
+        v[:, :, :, :self.pos] = self.self_v[:, rows, :, :self.pos]
+        self.self_k, self.self_v = k, v
+
+
+class XTransformersState:
+    """x-transformers' own KV-cached path, for decoder_args the lean step does not cover."""
+
+    def __init__(self, decoder: LatexDecoder, memory: torch.Tensor, beams: int):
+        self.net = decoder.net
+        self.memory = memory.repeat_interleave(beams, dim=0) if beams > 1 else memory
+        self.seq = None
+        self.cache = None
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens[:, None]
+        self.seq = tokens if self.seq is None else torch.cat([self.seq, tokens], dim=1)
+        logits, self.cache = self.net(self.seq, context=self.memory, cache=self.cache,
+                                      return_intermediates=True)
+        return logits[:, -1].float()
+
+    def select(self, rows: torch.Tensor, cross: bool = True) -> None:
+        self.memory, self.seq = self.memory[rows], self.seq[rows]
+        for inter in self.cache.attn_intermediates:
+            if inter.cached_kv is not None:
+                inter.cached_kv = [t[rows] for t in inter.cached_kv]

@@ -1,0 +1,128 @@
+"""Autoregressive decoding over a KV-cached decoder state: greedy / sampling, and beam search.
+
+A state (decoder.LeanState or decoder.XTransformersState) has `step(tokens [B]) -> logits [B, V]`
+and `select(rows)`. Both decoders return token ids [B, L] without BOS: each row ends with its EOS
+and is padded with PAD after it (a row that reached max_len has no EOS); L is the longest row.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Logits with everything outside the top-k and outside the top-p nucleus set to -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def sample(state, batch: int, max_len: int, bos: int, eos: int, pad: int, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0, min_len: int = 0, device=None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Greedy (temperature 0) or sampled decoding. A row leaves the batch at its EOS, so the
+    remaining rows decode with less work."""
+    out = torch.full((batch, max_len), pad, dtype=torch.long, device=device)
+    rows = torch.arange(batch, device=device)  # original row of each active row
+    tokens = torch.full((batch,), bos, dtype=torch.long, device=device)
+    length = 0
+    for t in range(max_len):
+        logits = state.step(tokens)
+        logits[:, [pad, bos]] = float("-inf")  # never valid outputs
+        if t < min_len:
+            logits[:, eos] = float("-inf")
+        tokens = next_tokens(logits, temperature, top_k, top_p, generator)
+        out[rows, t] = tokens
+        length = t + 1
+        done = tokens == eos
+        if bool(done.any()):
+            keep = (~done).nonzero()[:, 0]
+            if keep.numel() == 0:
+                break
+            state.select(keep)
+            rows, tokens = rows[keep], tokens[keep]
+    return out[:, :length]
+
+
+def beam_search(state, batch: int, beam_width: int, max_len: int, bos: int, eos: int, pad: int,
+                length_penalty: float = 1.0, min_len: int = 0, device=None) -> torch.Tensor:
+    """Batched beam search; `state` holds batch*beam_width rows (image-major).
+
+    A hypothesis is scored by sum(log p) / length**length_penalty (length counts EOS). Each step
+    takes the best 2k continuations per image: EOS among the top k finish a hypothesis, the best k
+    others stay alive (so width 1 is greedy). An image is done once it has k finished hypotheses
+    and its best live beam scores below its worst finished one at the current length.
+    """
+    k = beam_width
+    neg_inf = float("-inf")
+    seqs = torch.full((batch, k, max_len), pad, dtype=torch.long, device=device)
+    scores = torch.zeros(batch, k, device=device)
+    scores[:, 1:] = neg_inf  # all beams start identical: expand only the first at step 0
+    fin_seqs = torch.full((batch, k, max_len), pad, dtype=torch.long, device=device)
+    fin_scores = torch.full((batch, k), neg_inf, device=device)
+    fin_len = torch.zeros(batch, k, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens = torch.full((batch * k,), bos, dtype=torch.long, device=device)
+    offsets = (torch.arange(batch, device=device) * k)[:, None]
+    for t in range(max_len):
+        logits = state.step(tokens)
+        logits[:, [pad, bos]] = neg_inf  # never valid outputs
+        logp = logits.log_softmax(dim=-1)  # [B*k, V]
+        if t < min_len:
+            logp[:, eos] = neg_inf
+        V = logp.shape[-1]
+        cand = (scores[:, :, None] + logp.view(batch, k, V)).view(batch, k * V)
+        cand_scores, cand_idx = cand.topk(2 * k, dim=-1)  # [B, 2k]
+        parent, token = cand_idx // V, cand_idx % V
+        length = t + 1
+        # finished: EOS among the top k candidates, scored with the length penalty
+        is_eos = token == eos
+        finishing = is_eos & (torch.arange(2 * k, device=device) < k) & ~done[:, None]
+        new_fin = torch.where(finishing, cand_scores / length ** length_penalty,
+                              torch.full_like(cand_scores, neg_inf))
+        if bool(finishing.any()):
+            new_seqs = seqs.gather(1, parent[:, :, None].expand(-1, -1, max_len)).clone()
+            new_seqs[:, :, t] = token
+            all_scores = torch.cat([fin_scores, new_fin], dim=1)
+            fin_scores, best = all_scores.topk(k, dim=1)
+            fin_seqs = torch.cat([fin_seqs, new_seqs], 1).gather(
+                1, best[:, :, None].expand(-1, -1, max_len))
+            fin_len = torch.cat([fin_len, torch.full_like(new_fin, length, dtype=torch.long)],
+                                1).gather(1, best)
+        # alive: the best k non-EOS candidates (there are at least k: each beam has one EOS)
+        rank = torch.where(is_eos, 2 * k, 0) + torch.arange(2 * k, device=device)
+        keep = rank.argsort(dim=1)[:, :k]
+        scores = cand_scores.gather(1, keep)
+        parent, token = parent.gather(1, keep), token.gather(1, keep)
+        seqs = seqs.gather(1, parent[:, :, None].expand(-1, -1, max_len))
+        seqs[:, :, t] = token
+        # an image is done when no live beam can beat its worst finished one
+        best_alive = scores[:, 0] / length ** length_penalty
+        done |= (fin_scores[:, -1] > neg_inf) & (best_alive <= fin_scores[:, -1])
+        if bool(done.all()) or t == max_len - 1:
+            break
+        state.select((parent + offsets).flatten(), cross=False)
+        tokens = token.flatten()
+    # images without k finished hypotheses: their live beams compete too (no EOS, max length)
+    live_scores = torch.where(done[:, None], torch.full_like(scores, neg_inf),
+                              scores / length ** length_penalty)
+    all_scores = torch.cat([fin_scores, live_scores], 1)
+    best = all_scores.argmax(dim=1)
+    out = torch.cat([fin_seqs, seqs], 1)[torch.arange(batch, device=device), best]
+    lengths = torch.cat([fin_len, torch.full_like(fin_len, length)], 1)[
+        torch.arange(batch, device=device), best]
+    return out[:, :int(lengths.max())]
