@@ -104,7 +104,9 @@ def rng_state() -> dict:
                   "pos": state["state"]["pos"], "has_gauss": state["has_gauss"],
                   "gauss": state["gauss"]},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # this process's own GPU only (under DDP each rank has one; touching the others would
+        # create CUDA contexts on every GPU)
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [],
     }
 
 
@@ -122,7 +124,7 @@ def set_rng_state(state: dict) -> None:
                          "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"][0])
 
 
 def newest_checkpoint(folder: str | os.PathLike) -> str | None:

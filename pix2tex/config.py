@@ -55,7 +55,6 @@ DEFAULTS: dict[str, Any] = {
     "precision": "auto",  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     "compile": False,  # torch.compile the model
     "inference_precision": "auto",  # generate(): auto (bf16 on CUDA and AMX/AVX512-BF16 CPUs) | fp32 | bf16
-    "channels_last": False,  # channels-last memory format for the convolutions (faster with bf16)
     "epochs": 10,
     "max_steps": 0,  # stop after this many optimizer steps (0: no limit)
     "batchsize": 10,  # samples per optimizer step (global, over all DDP ranks)

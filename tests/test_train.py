@@ -1,0 +1,329 @@
+"""Training loop on a tiny real dataset (rendered formulas): learning, exact resume after a clean
+stop / SIGTERM / SIGKILL, DDP on CPU, gradient accumulation, schedules, early stopping and the
+errors said before training starts.
+
+Everything runs on CPU with one thread per process (the machine is shared; one thread keeps each
+process fast and bit-reproducible).
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pix2tex.checkpoint import CheckpointError, load_checkpoint
+from pix2tex.config import ConfigError, load_config
+from pix2tex.dataset.dataset import Im2LatexDataset
+from pix2tex.train import Runtime, build_scheduler, main, prepare_datasets, train
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A model of a few hundred thousand parameters that still has every part of the real one.
+TINY = {
+    "backbone_layers": [1, 1], "dim": 32, "encoder_depth": 1, "num_layers": 1, "heads": 2,
+    "max_seq_len": 64, "num_tokens": 300, "max_height": 64, "max_width": 256, "patch_size": 8,
+    "batchsize": 4, "testbatchsize": 4, "valbatches": 1, "test_samples": 1, "device": "cpu",
+    "log_freq": 1, "epochs": 100, "seed": 7,
+}
+# Exact-resume runs: dropout on (so the RNG state matters), a one-cycle schedule whose length is
+# fixed, validation every 5 steps and at epoch ends (7 batches of 4 per epoch), 12 steps in all.
+EXACT = {**TINY, "deterministic": True, "emb_dropout": 0.1, "sample_freq": 5,
+         "scheduler": {"name": "onecycle", "total_steps": 12}}
+STEPS = 12
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_config(tmp_path, tiny_data, values, name="config.yaml") -> Path:
+    path = tmp_path / name
+    data = {**values, "data": str(tiny_data.train_pkl), "valdata": str(tiny_data.val_pkl),
+            "model_path": str(tmp_path / "runs")}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def launch(config, *args):
+    return subprocess.Popen([sys.executable, "-m", "pix2tex.train", "--config", str(config), *args],
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, what):
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f"{what} exited {proc.returncode}:\n{err[-3000:]}"
+    return out + err
+
+
+def logged_step(run_dir: Path) -> int:
+    """Highest training step written to the run's metrics.jsonl so far."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(json.loads(line).get("step", 0))
+        except json.JSONDecodeError:  # a line being written right now
+            pass
+    return max(steps, default=0)
+
+
+def stop_at(proc, run_dir: Path, step: int, sig) -> None:
+    """Send `sig` once the run has logged `step` (fails if it ends first)."""
+    deadline = time.time() + 240
+    while logged_step(run_dir) < step:
+        assert proc.poll() is None, f"run ended before step {step}: {proc.communicate()[1][-2000:]}"
+        assert time.time() < deadline, "run too slow"
+        time.sleep(0.01)
+    proc.send_signal(sig)
+
+
+def assert_same_state(a: Path, b: Path):
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    assert ca["step"] == cb["step"] == STEPS
+    for key, value in ca["model"].items():
+        assert torch.equal(value, cb["model"][key]), f"weights differ at {key}"
+    for (i, sa), (j, sb) in zip(ca["optimizer"]["state"].items(), cb["optimizer"]["state"].items()):
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"optimizer state {i}.{k} differs"
+    assert ca["scheduler"]["last_epoch"] == cb["scheduler"]["last_epoch"]
+
+
+@pytest.fixture(scope="module")
+def resume_runs(tiny_data, tmp_path_factory):
+    """One uninterrupted 12-step run and three interrupted + resumed ones, run side by side:
+    stop cleanly after 6 steps, SIGTERM after >= 4, SIGKILL at a random step with last.pth
+    written after every step."""
+    tmp = tmp_path_factory.mktemp("resume")
+    config = write_config(tmp, tiny_data, EXACT)
+    runs = tmp / "runs"
+    kill_step = random.Random().randint(2, 8)
+    first = {
+        "straight": launch(config, "name=straight", f"max_steps={STEPS}"),
+        "stopped": launch(config, "name=stopped", "max_steps=6"),
+        "sigterm": launch(config, "name=sigterm", f"max_steps={STEPS}"),
+        "sigkill": launch(config, "name=sigkill", f"max_steps={STEPS}", "save_freq=1"),
+    }
+    stop_at(first["sigterm"], runs / "sigterm", 4, signal.SIGTERM)
+    stop_at(first["sigkill"], runs / "sigkill", kill_step, signal.SIGKILL)
+    outputs = {}
+    for name, proc in first.items():
+        if name == "sigkill":
+            proc.communicate(timeout=300)
+            assert proc.returncode == -signal.SIGKILL
+        else:
+            outputs[name] = finish(proc, name)
+    interrupted = {name: load_checkpoint(runs / name / "last.pth")
+                   for name in ("stopped", "sigterm", "sigkill")}
+    second = {name: launch(config, f"name={name}", f"max_steps={STEPS}", "--resume")
+              for name in interrupted}
+    for name, proc in second.items():
+        outputs[name + "_resumed"] = finish(proc, name + " resumed")
+    return {"runs": runs, "interrupted": interrupted, "outputs": outputs, "kill_step": kill_step}
+
+
+def test_resume_after_stop_is_bit_identical(resume_runs):
+    runs = resume_runs["runs"]
+    ckpt = resume_runs["interrupted"]["stopped"]
+    assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (6, 0, 6)
+    assert "resuming from" in resume_runs["outputs"]["stopped_resumed"]
+    assert_same_state(runs / "straight" / "last.pth", runs / "stopped" / "last.pth")
+
+
+def test_sigterm_saves_then_resume_is_bit_identical(resume_runs):
+    runs = resume_runs["runs"]
+    ckpt = resume_runs["interrupted"]["sigterm"]
+    assert ckpt["interrupted"] and 4 <= ckpt["step"] < STEPS
+    assert "stopped (SIGTERM)" in resume_runs["outputs"]["sigterm"]
+    assert_same_state(runs / "straight" / "last.pth", runs / "sigterm" / "last.pth")
+
+
+def test_sigkill_at_any_step_then_resume_is_bit_identical(resume_runs):
+    runs = resume_runs["runs"]
+    ckpt = resume_runs["interrupted"]["sigkill"]
+    assert 1 <= ckpt["step"] < STEPS, f"killed at step {resume_runs['kill_step']}"
+    assert not ckpt["interrupted"]  # SIGKILL cannot be caught: this is an ordinary periodic save
+    assert not list((runs / "sigkill").glob(".tmp-*"))  # a torn temporary file is cleaned up
+    assert_same_state(runs / "straight" / "last.pth", runs / "sigkill" / "last.pth")
+
+
+def test_checkpoint_holds_what_a_resume_needs(resume_runs):
+    ckpt = load_checkpoint(resume_runs["runs"] / "straight" / "last.pth")  # weights_only=True
+    for key in ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step",
+                "batch_in_epoch", "best", "config", "tokenizer", "tokenizer_sha256"):
+        assert key in ckpt, key
+    assert set(ckpt["rng"][0]) == {"python", "numpy", "torch", "cuda"}
+    assert ckpt["config"]["dim"] == TINY["dim"]
+    best = load_checkpoint(resume_runs["runs"] / "straight" / "best.pth")
+    assert best["best"] == ckpt["best"] and best["step"] == ckpt["best_step"]
+    records = [json.loads(l) for l in (resume_runs["runs"] / "straight" / "metrics.jsonl").open()]
+    val = [r["val"] for r in records if "val" in r]
+    assert {r["step"] for r in records if "val" in r} == {5, 7, 10}
+    assert {"val_loss", "bleu", "edit_distance", "token_accuracy"} <= set(val[0])
+
+
+def test_a_few_steps_decrease_the_loss_on_real_formulas(tiny_data, tmp_path):
+    from pix2tex.models import get_model
+
+    cfg = load_config(write_config(tmp_path, tiny_data, TINY), ["max_steps=14", "sample_freq=1000"])
+    model = get_model(cfg)
+    data = Im2LatexDataset.load(tiny_data.train_pkl).update(
+        batchsize=4, transform="test", shuffle=False, max_seq_len=cfg.max_seq_len,
+        max_dimensions=(cfg.max_width, cfg.max_height))
+
+    def mean_loss():
+        model.eval()
+        with torch.no_grad():
+            losses = [float(model(*data.load_batch(b))) for b in data.batch_plan(0)]
+        return sum(losses) / len(losses)
+
+    before = mean_loss()
+    result = train(cfg, model=model)
+    after = mean_loss()
+    assert result["step"] == 14 and result["reason"] == "max_steps"
+    assert after < before - 0.5, (before, after)
+    assert result["metrics"]["val_loss"] < before
+
+
+# SGD for the equivalence tests: its update is linear in the gradient, so float rounding stays at
+# rounding size (Adam divides by sqrt(v) and blows up the rounding noise of near-zero gradients).
+SGD = {"optimizer": {"name": "SGD", "lr": 0.05, "momentum": 0.9}}
+
+
+def test_gradient_accumulation_matches_the_full_batch(tiny_data, tmp_path):
+    config = write_config(tmp_path, tiny_data, {**TINY, **SGD, "deterministic": True})
+    states = []
+    for micro in (-1, 2, 1):
+        cfg = load_config(config, ["max_steps=3", f"micro_batchsize={micro}", f"name=m{micro}",
+                                   "sample_freq=1000"])
+        train(cfg)
+        states.append(load_checkpoint(tmp_path / "runs" / f"m{micro}" / "last.pth")["model"])
+    for other in states[1:]:
+        for key, value in states[0].items():
+            torch.testing.assert_close(other[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_two_process_ddp_on_cpu_matches_one_process(tiny_data, tmp_path):
+    config = write_config(tmp_path, tiny_data, {**TINY, **SGD, "deterministic": True, "sample_freq": 3})
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "pix2tex.train", "--config", str(config), "name=ddp", "max_steps=4"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(load_config(config, ["name=single", "max_steps=4"]))
+    ddp = load_checkpoint(tmp_path / "runs" / "ddp" / "last.pth")
+    single = load_checkpoint(tmp_path / "runs" / "single" / "last.pth")
+    assert ddp["world_size"] == 2 and len(ddp["rng"]) == 2 and ddp["step"] == single["step"] == 4
+    start = load_checkpoint(tmp_path / "runs" / "single" / "best.pth")  # validation at step 3
+    moved = 0
+    for key, value in single["model"].items():
+        torch.testing.assert_close(ddp["model"][key], value, rtol=1e-5, atol=1e-6)
+        moved += not torch.equal(value, start["model"][key])
+    assert moved > len(single["model"]) // 2  # the weights did train between the two
+    assert load_checkpoint(tmp_path / "runs" / "ddp" / "best.pth")["step"] == 3
+
+
+def test_fast_dev_run_goes_end_to_end(tiny_data, tmp_path):
+    cfg = load_config(write_config(tmp_path, tiny_data, TINY), ["fast_dev_run=true", "name=dev"])
+    result = train(cfg)
+    assert result["step"] == 2 and result["metrics"] is not None
+    folder = tmp_path / "runs" / "dev-fast_dev_run"  # never touches a real run's checkpoints
+    assert (folder / "last.pth").exists() and (folder / "best.pth").exists()
+    assert not (tmp_path / "runs" / "dev").exists()
+
+
+def test_early_stopping(tiny_data, tmp_path):
+    cfg = load_config(write_config(tmp_path, tiny_data, TINY), [
+        "sample_freq=1", "early_stopping.patience=2", "early_stopping.monitor=val_loss",
+        "early_stopping.min_delta=100", "max_steps=20"])
+    result = train(cfg)
+    assert result["reason"] == "early_stopping" and result["step"] == 3
+
+
+def test_schedules():
+    cfg = load_config(None, ["optimizer.lr=1.0", "scheduler.name=multistep",
+                             "scheduler.milestones=[2,4]", "scheduler.gamma=0.5"])
+    param = torch.nn.Parameter(torch.zeros(1))
+
+    def lrs(cfg, steps=6, total=6):
+        opt = torch.optim.SGD([param], lr=cfg.optimizer.lr)
+        sched = build_scheduler(cfg, opt, total)
+        out = []
+        for _ in range(steps):
+            out.append(round(opt.param_groups[0]["lr"], 6))
+            opt.step()
+            sched.step()
+        return out
+
+    assert lrs(cfg) == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    cfg = load_config(None, ["optimizer.lr=1.0", "scheduler.name=cosine", "scheduler.warmup_steps=2",
+                             "scheduler.min_lr=0.1"])
+    assert lrs(cfg, 7, 6) == pytest.approx([0.5, 1.0, 1.0, 0.868198, 0.55, 0.231802, 0.1], abs=1e-6)
+    cfg = load_config(None, ["optimizer.lr=1.0", "scheduler.name=step", "scheduler.step_size=2",
+                             "scheduler.gamma=0.1"])
+    assert lrs(cfg, 5) == [1.0, 1.0, 0.1, 0.1, 0.01]
+    cfg = load_config(None, ["optimizer.lr=1.0", "scheduler=OneCycleLR"])  # LaTeX-OCR spelling
+    got = lrs(cfg, 10, 10)
+    assert max(got) == pytest.approx(1.0, rel=1e-3) and got[0] < 0.1 and got[-1] < 0.01
+
+
+def test_misspelled_keys_fail_with_the_closest_valid_key(tiny_data, tmp_path, capsys):
+    config = write_config(tmp_path, tiny_data, TINY)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), "batchsise=8"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "batchsise" in err and "'batchsize'" in err
+    bad = write_config(tmp_path, tiny_data, {**TINY, "optimizer": {"lr": 1e-3, "wieght_decay": 0.1}},
+                       name="bad.yaml")
+    with pytest.raises(SystemExit):
+        main(["--config", str(bad)])
+    err = capsys.readouterr().err
+    assert "optimizer.wieght_decay" in err and "weight_decay" in err and str(bad) in err
+    with pytest.raises(ConfigError, match="Did you mean 'AdamW'"):
+        train(load_config(config, ["optimizer.name=AdamWW"]))
+
+
+def test_errors_before_training(tiny_data, tmp_path):
+    config = write_config(tmp_path, tiny_data, TINY)
+    with pytest.raises(ConfigError, match="dataset file not found: .*missing.pkl"):
+        train(load_config(config, [f"data={tmp_path / 'missing.pkl'}"]))
+    with pytest.raises(ConfigError, match="none of its .* samples fits max_seq_len=3"):
+        train(load_config(config, ["max_seq_len=3"]))
+    with pytest.raises(ConfigError, match="no image size has batchsize=64 samples"):
+        train(load_config(config, ["batchsize=64"]))
+    with pytest.raises(ConfigError, match="num_tokens=10"):
+        train(load_config(config, ["num_tokens=10"]))
+    two_ranks = Runtime(torch.device("cpu"), None, rank=0, world=2)
+    with pytest.raises(ConfigError, match="micro_batchsize=4 must divide the per-process batch of 2"):
+        prepare_datasets(load_config(config, ["micro_batchsize=4"]),
+                         Im2LatexDataset.load(tiny_data.train_pkl), None, two_ranks)
+
+    train(load_config(config, ["name=base", "max_steps=1"]))
+    with pytest.raises(CheckpointError, match="another architecture .*dim: checkpoint 32 vs config 48"):
+        train(load_config(config, ["name=base", "dim=48"]), resume=True)
+    from pix2tex.dataset.tokenizer import train_tokenizer
+    other = train_tokenizer(["a + b", "x ^ { 2 }", "\\frac { 1 } { 2 }"], vocab_size=40)
+    other.save(tmp_path / "other.json")
+    with pytest.raises(ConfigError, match="was tokenized with .*tokenizer.json"):
+        train(load_config(config, [f"tokenizer={tmp_path / 'other.json'}"]))
+    retokenized = Im2LatexDataset.build(tiny_data.train_images, tiny_data.formulas, other)
+    retokenized.save(tmp_path / "other.pkl")
+    with pytest.raises(CheckpointError, match="another tokenizer"):
+        train(load_config(config, ["name=base", f"data={tmp_path / 'other.pkl'}", "valdata=null"]),
+              resume=True)
+    with pytest.raises(CheckpointError, match="no load_ckpt set and no checkpoint"):
+        train(load_config(config, ["name=nothing"]), resume=True)
