@@ -1,0 +1,235 @@
+#!/usr/bin/env python
+"""Load test of the HTTP service on loopback: requests/s and latency for concurrent clients.
+
+Starts `python -m pix2tex.serve` (127.0.0.1 only) with a tiny model trained here in ~20-40 s on
+8 rendered synthetic formulas (or --checkpoint), sends `--clients` concurrent clients (keep-alive
+connections, POST /predict with those rendered formulas in turn) for `--seconds`, and reports
+requests/s, latency percentiles, how the service batched the requests, and the server's resident
+memory before and after the run (growth means a leak). Prints one JSON object.
+
+    .venv/bin/python bench/serve.py [--clients 8] [--seconds 60] [--threads 2] [--backend torch|onnx]
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def tiny_checkpoint(workdir: str, steps: int = 300) -> tuple[str, list[str]]:
+    """A tiny ViT model that has memorized 8 rendered synthetic formulas (the recipe of the tests'
+    `tiny_model` fixture): greedy outputs of realistic length that end with EOS. Returns the
+    checkpoint and the formula images. Cached in `workdir`."""
+    import torch
+
+    from dataset_tools.render import render_formulas
+    from dataset_tools.synth import SynthConfig, generate
+    from pix2tex.config import load_config
+    from pix2tex.dataset.dataset import Im2LatexDataset
+    from pix2tex.dataset.tokenizer import train_tokenizer
+    from pix2tex.train import train
+
+    ckpt = os.path.join(workdir, "run", "last.pth")
+    images = os.path.join(workdir, "images")
+    if not os.path.isfile(ckpt):
+        formulas = generate(48, seed=1, config=SynthConfig(mean_tokens=12.0, max_tokens=30, max_depth=2))
+        train_tokenizer(formulas, vocab_size=300).save(os.path.join(workdir, "tokenizer.json"))
+        formulas = formulas[:8]
+        with open(os.path.join(workdir, "train.txt"), "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in formulas))
+        render_formulas(formulas, images, dpi=(110, 130), seed=0, progress=False,
+                        rejects_path=os.path.join(workdir, "rejects.txt"))
+        ds = Im2LatexDataset.build(images, os.path.join(workdir, "train.txt"),
+                                   os.path.join(workdir, "tokenizer.json"), batchsize=8)
+        ds.save(os.path.join(workdir, "train.pkl"))
+        cfg = load_config(None, [
+            f"data={workdir}/train.pkl", f"tokenizer={workdir}/tokenizer.json",
+            f"model_path={workdir}", "name=run", "encoder_structure=vit", "max_height=64",
+            "max_width=256", "dim=64", "encoder_depth=1", "num_layers=2", "heads=4",
+            "num_tokens=300", "max_seq_len=64", "batchsize=8", f"max_steps={steps}",
+            "epochs=100000", "optimizer.lr=3e-3", "sample_freq=100000", "device=cpu", "seed=0",
+            "inference_precision=fp32"])
+        torch.set_num_threads(1)  # tiny matmuls: one thread is fastest
+        t0 = time.time()
+        train(cfg, train_data=Im2LatexDataset.load(os.path.join(workdir, "train.pkl")).update(
+            keep_smaller_batches=True))
+        log(f"trained the tiny model in {time.time() - t0:.0f} s")
+    return ckpt, sorted(os.path.join(images, f) for f in os.listdir(images) if f.endswith(".png"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def multipart(name: str, data: bytes) -> tuple[bytes, dict]:
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def get(port: int, path: str, timeout: float = 10):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def client(port: int, bodies: list, stop_at: float, offset: int, out: list, max_requests: int):
+    """One client: keep-alive requests back to back until stop_at (or max_requests)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    i = offset
+    while time.perf_counter() < stop_at and len(out) < max_requests:
+        body, headers = bodies[i % len(bodies)]
+        i += 1
+        t0 = time.perf_counter()
+        try:
+            conn.request("POST", "/predict", body=body, headers=headers)
+            resp = conn.getresponse()
+            resp.read()
+            out.append((time.perf_counter() - t0, resp.status))
+        except (OSError, http.client.HTTPException):
+            out.append((time.perf_counter() - t0, 0))
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--threads", type=int, default=2, help="the server's torch/onnxruntime threads")
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    ap.add_argument("--checkpoint", help="serve this model (default: a tiny one trained here)")
+    ap.add_argument("--images", nargs="*", help="images to send (default: the tiny model's)")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "pix2tex-bench-serve"))
+    opts = ap.parse_args()
+    os.makedirs(opts.workdir, exist_ok=True)
+
+    ckpt, images = tiny_checkpoint(opts.workdir) if not opts.checkpoint else (opts.checkpoint, [])
+    images = opts.images or images
+    if not images:
+        ap.error("--images are needed with --checkpoint")
+    if opts.backend == "onnx":
+        onnx_dir = os.path.join(opts.workdir, "onnx")
+        if not os.path.isfile(os.path.join(onnx_dir, "pix2tex_onnx.json")):
+            subprocess.run([sys.executable, "-m", "pix2tex.export", "--onnx", "--checkpoint", ckpt,
+                            "--out", onnx_dir], check=True, cwd=REPO)
+        ckpt = onnx_dir
+    bodies = []
+    for path in images:
+        with open(path, "rb") as f:
+            bodies.append(multipart(os.path.basename(path), f.read()))
+
+    port = free_port()
+    server_log = os.path.join(opts.workdir, "server.log")
+    env = {**os.environ, "OMP_NUM_THREADS": str(opts.threads)}
+    server = subprocess.Popen([sys.executable, "-m", "pix2tex.serve", "--checkpoint", ckpt,
+                               "--backend", opts.backend, "--host", "127.0.0.1", "--port", str(port),
+                               "--threads", str(opts.threads), "--max-batch", str(opts.max_batch),
+                               "--queue-size", str(max(64, 4 * opts.clients))],
+                              cwd=REPO, env=env, stderr=open(server_log, "w"))
+    try:
+        for _ in range(600):
+            if server.poll() is not None:
+                with open(server_log) as f:
+                    raise RuntimeError(f"the server exited: {f.read()}")
+            try:
+                if get(port, "/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError("the server did not answer /health within 120 s")
+        warm: list = []
+        client(port, bodies, time.perf_counter() + 60, 0, warm, 2 * len(bodies))  # warm-up
+        time.sleep(0.5)
+        rss_before = rss_mib(server.pid)
+        health_before = get(port, "/health")[1]
+
+        results = [[] for _ in range(opts.clients)]
+        stop_at = time.perf_counter() + opts.seconds
+        threads = [threading.Thread(target=client, args=(port, bodies, stop_at, i, results[i], 10**7))
+                   for i in range(opts.clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        time.sleep(0.5)
+        rss_after = rss_mib(server.pid)
+        health = get(port, "/health")[1]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+    done = [r for rs in results for r in rs]
+    ok = [lat for lat, status in done if status == 200]
+    pages = health["pages"] - health_before["pages"]
+    batches = health["batches"] - health_before["batches"]
+    print(json.dumps({
+        "bench": "serve",
+        "backend": opts.backend,
+        "clients": opts.clients,
+        "seconds": round(elapsed, 1),
+        "server_threads": opts.threads,
+        "cpus": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "requests": len(done),
+        "errors": len(done) - len(ok),
+        "requests_per_s": round(len(ok) / elapsed, 2),
+        "latency_ms": {"p50": round(1000 * percentile(ok, 50), 1),
+                       "p90": round(1000 * percentile(ok, 90), 1),
+                       "p99": round(1000 * percentile(ok, 99), 1),
+                       "mean": round(1000 * statistics.fmean(ok), 1),
+                       "max": round(1000 * max(ok), 1)} if ok else None,
+        "batching": {"forward_batches": batches, "images": pages,
+                     "mean_batch": round(pages / max(batches, 1), 2), "max_batch": opts.max_batch},
+        "rss_mib": {"before": round(rss_before, 1), "after": round(rss_after, 1),
+                    "growth": round(rss_after - rss_before, 1)},
+        "model": {"checkpoint": ckpt, "images": len(images)},
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()

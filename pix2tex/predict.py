@@ -1,0 +1,311 @@
+"""Use a trained model: the `LatexOCR` Python API and the `pix2tex` command line.
+
+    from pix2tex import LatexOCR
+    model = LatexOCR(checkpoint="checkpoints/pix2tex/best.pth")    # config and tokenizer from it
+    model("formula.png")                     # -> "\\frac { a } { b }"  (path, bytes, PIL, numpy)
+    model.batch(["a.png", "b.png"])          # -> [..., ...]
+    model("formula.png", beam_width=5)       # beam search instead of greedy decoding
+
+    pix2tex formula.png folder/ - < pasted.png         # plain, --format inline|display|json
+
+Images go through `pix2tex.preprocess` (any mode, dark backgrounds, crop, scale, pad). A batch
+holds only images of one size (as in training), so a formula's result never depends on what else
+is in the batch. The ONNX backend (`backend="onnx"`, a folder written by `python -m
+pix2tex.export`) decodes greedily with the same preprocessing and tokenizer.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from pix2tex.preprocess import DEFAULT_MAX_PIXELS, Geometry, ImageError, preprocess
+
+# Where the project's shipped model lives; used when no checkpoint is given. PIX2TEX_CHECKPOINT
+# points elsewhere.
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "pix2tex.pth"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+class ModelNotFound(FileNotFoundError):
+    """No checkpoint given and no default model shipped; the message says what to pass."""
+
+
+def default_checkpoint() -> Path:
+    return Path(os.environ.get("PIX2TEX_CHECKPOINT") or DEFAULT_CHECKPOINT)
+
+
+def resolve_tokenizer(candidates: list, checkpoint: str | os.PathLike | None) -> str:
+    """The first existing tokenizer file among the given paths, each tried as written and then
+    beside the checkpoint (so a checkpoint folder with its tokenizer.json can be moved)."""
+    tried = []
+    near = os.path.dirname(os.path.abspath(checkpoint)) if checkpoint else None
+    for path in [c for c in candidates if c]:
+        path = os.fspath(path)
+        options = [path]
+        if near:
+            options += [os.path.join(near, path), os.path.join(near, os.path.basename(path))]
+        for option in options:
+            if os.path.isfile(option):
+                return option
+            tried.append(option)
+    if near:
+        option = os.path.join(near, "tokenizer.json")
+        if os.path.isfile(option):
+            return option
+        tried.append(option)
+    raise FileNotFoundError("tokenizer not found (tried " + ", ".join(dict.fromkeys(tried)) +
+                            "); pass tokenizer=... / --tokenizer PATH")
+
+
+def known_keys(stored: dict) -> dict:
+    """A checkpoint's stored config less the keys this version of pix2tex no longer has (training
+    settings come and go; a key the model's shape needs shows up as a weights mismatch)."""
+    from pix2tex.config import DEFAULTS
+
+    out = {}
+    for key, value in stored.items():
+        if key not in DEFAULTS:
+            continue
+        if isinstance(DEFAULTS[key], dict) and isinstance(value, dict) and key != "decoder_args":
+            value = {k: v for k, v in value.items() if k in DEFAULTS[key]}
+        out[key] = value
+    return out
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _pick_device(device: str):
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class LatexOCR:
+    """Image of a formula -> LaTeX.
+
+    checkpoint: a training checkpoint (`.pth`; its stored config builds the model unless `config`
+    is given), or for backend="onnx" the folder written by `python -m pix2tex.export`. None: the
+    shipped default model. tokenizer: overrides the path stored in the checkpoint/config.
+    Decoding is greedy unless `beam_width` > 1 (or `temperature` > 0 for sampling). precision:
+    fp32 | bf16 | auto for the torch backend (None: the config's `inference_precision`); the ONNX
+    backend runs float32.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike | None = None, config: str | os.PathLike | None = None,
+                 overrides: list[str] | None = None, tokenizer: str | os.PathLike | None = None,
+                 device: str = "auto", backend: str = "torch", beam_width: int = 1,
+                 temperature: float = 0.0, max_len: int | None = None, batch_size: int = 16,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None,
+                 precision: str | None = None):
+        from pix2tex.config import load_config
+        from pix2tex.dataset.tokenizer import load_tokenizer
+
+        if checkpoint is None:
+            checkpoint = default_checkpoint()
+            if not os.path.exists(checkpoint):
+                raise ModelNotFound(f"no checkpoint given and no default model at {checkpoint}; pass "
+                                    f"checkpoint=... (--checkpoint PATH) with a trained model")
+        self.checkpoint = os.fspath(checkpoint)
+        self.backend = backend
+        self.beam_width, self.temperature, self.max_len = beam_width, temperature, max_len
+        self.batch_size, self.max_pixels, self.precision = batch_size, max_pixels, precision
+        if backend == "torch":
+            from pix2tex.checkpoint import load_checkpoint, load_model_weights
+            from pix2tex.models import get_model
+            import torch
+
+            if threads:
+                torch.set_num_threads(threads)
+            ckpt = load_checkpoint(self.checkpoint)
+            saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None
+            if config is None and saved is None:
+                raise ValueError(f"{self.checkpoint} holds no config (a bare weights file); pass "
+                                 f"config=... (--config settings/....yaml) with the one it was trained with")
+            self.cfg = load_config(config, overrides, base=None if config else known_keys(saved))
+            self.device = _pick_device(device)
+            self.model = get_model(self.cfg)
+            load_model_weights(self.model, ckpt, source=self.checkpoint)
+            self.model.to(self.device).eval()
+            tok_candidates = [tokenizer, self.cfg.get("tokenizer"), ckpt.get("tokenizer")]
+        elif backend == "onnx":
+            from pix2tex.export import OnnxModel
+
+            self.model = OnnxModel(self.checkpoint, threads=threads)
+            self.cfg = load_config(config, overrides, base=None if config else known_keys(self.model.config))
+            self.device = "cpu"
+            tok_candidates = [tokenizer, os.path.join(self.checkpoint, "tokenizer.json")]
+        else:
+            raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+        tok_path = resolve_tokenizer(tok_candidates, self.checkpoint if backend == "torch" else None)
+        want = ckpt.get("tokenizer_sha256") if backend == "torch" else self.model.tokenizer_sha256
+        if want and _sha256(tok_path) != want:  # other ids would decode to the wrong symbols
+            raise ValueError(f"{tok_path} is another tokenizer than the one {self.checkpoint} was "
+                             f"trained with (contents differ); use that one")
+        self.tokenizer = load_tokenizer(tok_path)
+        self.geometry = Geometry.from_config(self.cfg)
+
+    # --- the steps, public for the CLI and the service -----------------------------------------
+
+    def preprocess(self, image, max_pixels: int | None = None) -> np.ndarray | None:
+        """The page the model sees (uint8 HxW), or None for an image without ink."""
+        return preprocess(image, self.geometry, max_pixels=max_pixels or self.max_pixels)
+
+    def recognize(self, pages: list[np.ndarray | None], beam_width: int | None = None,
+                  temperature: float | None = None) -> list[str]:
+        """LaTeX for preprocessed pages (None -> ""). Pages of one size go through together."""
+        out = [""] * len(pages)
+        groups = defaultdict(list)
+        for i, page in enumerate(pages):
+            if page is not None:
+                groups[page.shape].append(i)
+        for idx in groups.values():
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start:start + self.batch_size]
+                ids = self._generate(np.stack([pages[i] for i in chunk]), beam_width, temperature)
+                for i, text in zip(chunk, self.tokenizer.decode_batch(ids.tolist())):
+                    out[i] = text
+        return out
+
+    def _generate(self, pages: np.ndarray, beam_width, temperature) -> np.ndarray:
+        from pix2tex.dataset.transforms import MEAN, STD
+
+        images = ((pages.astype(np.float32) / 255.0 - MEAN) / STD)[:, None]  # [B, 1, H, W]
+        beam_width = self.beam_width if beam_width is None else beam_width
+        temperature = self.temperature if temperature is None else temperature
+        if self.backend == "onnx":
+            if beam_width > 1 or temperature > 0:
+                raise ValueError("the ONNX backend decodes greedily only; use backend='torch' for "
+                                 "beam search or sampling")
+            return self.model.generate(images, max_len=self.max_len)
+        import torch
+
+        with torch.inference_mode():
+            ids = self.model.generate(torch.from_numpy(images).to(self.device), max_len=self.max_len,
+                                      temperature=temperature, beam_width=beam_width,
+                                      precision=self.precision)
+        return ids.cpu().numpy()
+
+    # --- the API -----------------------------------------------------------------------------
+
+    def __call__(self, image, beam_width: int | None = None, temperature: float | None = None) -> str:
+        """LaTeX of one image: a path, bytes, file object, PIL image or numpy array. A blank
+        image gives ""; an unreadable one raises `pix2tex.preprocess.ImageError`."""
+        return self.recognize([self.preprocess(image)], beam_width, temperature)[0]
+
+    def batch(self, images, beam_width: int | None = None, temperature: float | None = None) -> list[str]:
+        """LaTeX of many images, in order. An unreadable image raises ImageError naming its index."""
+        pages = []
+        for i, image in enumerate(images):
+            try:
+                pages.append(self.preprocess(image))
+            except ImageError as e:
+                raise type(e)(f"image {i}: {e}") from None
+        return self.recognize(pages, beam_width, temperature)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def expand_inputs(args: list[str]) -> list[str]:
+    """Files as given, folders as their image files (sorted), '-' for stdin."""
+    out = []
+    for arg in args:
+        if os.path.isdir(arg):
+            found = sorted(str(p) for p in Path(arg).iterdir()
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            out.extend(found)
+        else:
+            out.append(arg)
+    return out
+
+
+def format_result(fmt: str, name: str, latex: str, seconds: float, show_name: bool) -> str:
+    if fmt == "json":
+        return json.dumps({"file": name, "latex": latex, "seconds": round(seconds, 4)})
+    text = {"plain": latex, "inline": f"${latex}$", "display": f"$${latex}$$"}[fmt]
+    return f"{name}: {text}" if show_name else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pix2tex", description="Image of a formula -> LaTeX.")
+    p.add_argument("images", nargs="+", help="image files, folders of images, or - for image bytes on stdin")
+    p.add_argument("--checkpoint", "-c", help=f"trained checkpoint (.pth) or ONNX export folder "
+                                              f"(default: $PIX2TEX_CHECKPOINT or {DEFAULT_CHECKPOINT})")
+    p.add_argument("--config", help="YAML config (default: the one stored in the checkpoint)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the one the checkpoint names)")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--beam", type=int, default=1, help="beam width (1: greedy)")
+    p.add_argument("--format", "-f", choices=["plain", "inline", "display", "json"], default="plain",
+                   help="plain LaTeX, $...$, $$...$$, or JSON lines {file, latex, seconds}")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="refuse larger images (decompression bombs)")
+    p.add_argument("--names", action=argparse.BooleanOptionalAction, default=None,
+                   help="prefix plain/inline/display lines with the file name (default: when "
+                        "there is more than one input)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        model = LatexOCR(args.checkpoint, config=args.config, tokenizer=args.tokenizer,
+                         device=args.device, backend=args.backend, beam_width=args.beam,
+                         batch_size=args.batch_size, max_pixels=args.max_pixels)
+    except Exception as e:  # a missing/foreign checkpoint, config or tokenizer: say which and stop
+        print(f"pix2tex: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    inputs = expand_inputs(args.images)
+    if not inputs:
+        print("pix2tex: error: no image files found in the given folders", file=sys.stderr)
+        sys.exit(1)
+    show_name = args.names if args.names is not None else len(inputs) > 1
+    failed = 0
+    stdin_bytes = None
+    for start in range(0, len(inputs), args.batch_size):
+        chunk = inputs[start:start + args.batch_size]
+        pages, seconds, names = [], [], []
+        for name in chunk:
+            t0 = time.perf_counter()
+            if name == "-":
+                if stdin_bytes is None:
+                    stdin_bytes = sys.stdin.buffer.read()
+                source, name = stdin_bytes, "<stdin>"
+            else:
+                source = name
+            try:
+                pages.append(model.preprocess(source))
+            except ImageError as e:
+                msg = str(e) if str(e).startswith(name) else f"{name}: {e}"
+                print(f"pix2tex: error: {msg}", file=sys.stderr)
+                failed += 1
+                pages.append(False)  # placeholder: printed as an error, not a result
+            seconds.append(time.perf_counter() - t0)
+            names.append(name)
+        good = [i for i, p in enumerate(pages) if p is not False]
+        t0 = time.perf_counter()
+        texts = model.recognize([pages[i] for i in good])
+        share = (time.perf_counter() - t0) / max(1, len(good))
+        for i, text in zip(good, texts):
+            print(format_result(args.format, names[i], text, seconds[i] + share, show_name), flush=True)
+    if failed:
+        print(f"pix2tex: {failed} of {len(inputs)} inputs could not be read", file=sys.stderr)
+        sys.exit(1)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""HTTP service: FastAPI + uvicorn around one `LatexOCR` loaded once.
+
+    pix2tex-serve --checkpoint checkpoints/pix2tex/best.pth --port 8502
+
+    POST /predict        multipart field `file`   -> {"latex": ..., "seconds": ...}
+    POST /predict/batch  multipart fields `files` -> {"results": [{"file", "latex", "seconds"} |
+                                                                   {"file", "error", "status"}]}
+    GET  /health         -> {"status": "ok", ...}
+    GET  /               a page: drop, paste or pick an image; see, copy and render the LaTeX
+
+Requests are decoded and preprocessed on a small thread pool, then wait in one bounded queue for
+the inference thread, which takes whatever is waiting (up to `max_batch`) and runs it together:
+concurrent requests share forward passes. Limits, each answered with a message: body larger than
+`max_upload_bytes` -> 413, image over `max_pixels` -> 413, not an image -> 422, queue full -> 503,
+no answer within `timeout` seconds -> 504. A failed request never stops the service.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, File, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from pix2tex.preprocess import ImageError, ImageTooLarge
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+@dataclass
+class Limits:
+    max_upload_bytes: int = 10 * 2**20  # one request body (all files of a batch together)
+    max_pixels: int = 25_000_000  # per image, checked from the header before decoding
+    max_files: int = 16  # per /predict/batch request
+    timeout: float = 30.0  # seconds from arrival to answer
+    queue_size: int = 64  # pages waiting for the model; more -> 503
+    max_batch: int = 8  # pages per forward pass
+    batch_wait: float = 0.002  # seconds the inference thread waits for company after the first page
+    preprocess_threads: int = 2  # concurrent decodes (bounds the memory of big images)
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class InferenceQueue:
+    """A bounded queue in front of one inference thread that batches what is waiting."""
+
+    def __init__(self, model, limits: Limits):
+        self.model, self.limits = model, limits
+        self.q: queue.Queue = queue.Queue(maxsize=limits.queue_size)
+        self.thread = threading.Thread(target=self._run, name="pix2tex-inference", daemon=True)
+        self.batches = self.pages = 0
+
+    def start(self):
+        self.thread.start()
+
+    def stop(self):
+        self.q.put(None)  # may block briefly if full: the worker drains it
+        self.thread.join(timeout=30)
+
+    def submit(self, page) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        try:
+            self.q.put_nowait((page, fut, loop))
+        except queue.Full:
+            raise QueueFull(f"the model is busy ({self.limits.queue_size} images waiting); retry shortly") from None
+        return fut
+
+    def _run(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            items = [item]
+            deadline = time.monotonic() + self.limits.batch_wait
+            while len(items) < self.limits.max_batch:
+                try:
+                    nxt = self.q.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.q.put(None)  # stop after this batch
+                    break
+                items.append(nxt)
+            items = [it for it in items if not it[1].done()]  # their requests timed out already
+            if not items:
+                continue
+            try:
+                texts = self.model.recognize([it[0] for it in items])
+                results = [(t, None) for t in texts]
+            except Exception as e:  # report to each request; keep serving
+                results = [(None, e)] * len(items)
+            self.batches += 1
+            self.pages += len(items)
+            for (_, fut, loop), (text, err) in zip(items, results):
+                loop.call_soon_threadsafe(_settle, fut, text, err)
+
+
+def _settle(fut: asyncio.Future, text, err):
+    if fut.done():
+        return
+    if err is not None:
+        fut.set_exception(err)
+    else:
+        fut.set_result(text)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class LimitBody:
+    """ASGI middleware: refuse request bodies over `limit` bytes with 413, by Content-Length up
+    front or by counting a chunked body as it streams in (never buffering it first)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = (f"request body larger than the limit of {self.limit} bytes "
+                   f"({self.limit / 2**20:.1f} MiB); send a smaller image")
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await JSONResponse({"detail": message}, status_code=413)(scope, receive, send)
+        seen, started, too_large = 0, False, False
+        refusal = JSONResponse({"detail": message}, status_code=413)
+
+        async def counted_receive():
+            nonlocal seen, too_large
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    too_large = True
+                    raise BodyTooLarge()
+            return msg
+
+        async def guarded_send(msg):
+            nonlocal started
+            if too_large:  # the app turned our exception into its own error (FastAPI: 400)
+                if not started and msg["type"] == "http.response.start":
+                    started = True
+                    await refusal(scope, receive, send)
+                return
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except BodyTooLarge:
+            pass
+        if too_large and not started:
+            await refusal(scope, receive, send)
+
+
+def create_app(model, limits: Limits | None = None):
+    """The FastAPI app around a loaded `LatexOCR` (its inference thread runs while the app does)."""
+    limits = limits or Limits()
+    inference = InferenceQueue(model, limits)
+    decoders = ThreadPoolExecutor(max_workers=limits.preprocess_threads, thread_name_prefix="pix2tex-decode")
+
+    @asynccontextmanager
+    async def lifespan(app):
+        inference.start()
+        yield
+        inference.stop()
+        decoders.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="pix2tex", lifespan=lifespan)
+    app.state.inference = inference
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request, exc):
+        fields = ", ".join(str(e.get("loc", ["", "?"])[-1]) for e in exc.errors())
+        field = "files" if request.url.path.endswith("/batch") else "file"
+        return JSONResponse({"detail": f"send the image as multipart/form-data field '{field}' "
+                                       f"(problem with: {fields})"}, status_code=422)
+
+    async def one(data: bytes, name: str, deadline: float) -> dict:
+        """Decode, preprocess and recognize one upload; errors become a status and a message."""
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            page = await asyncio.wait_for(loop.run_in_executor(decoders, model.preprocess, data, limits.max_pixels),
+                                          max(0.0, deadline - time.monotonic()))
+            if page is None:
+                latex = ""  # a blank image: nothing to recognize
+            else:
+                latex = await asyncio.wait_for(inference.submit(page), max(0.0, deadline - time.monotonic()))
+        except ImageTooLarge as e:
+            return {"file": name, "status": 413, "error": str(e)}
+        except ImageError as e:
+            return {"file": name, "status": 422, "error": str(e)}
+        except QueueFull as e:
+            return {"file": name, "status": 503, "error": str(e)}
+        except asyncio.TimeoutError:
+            return {"file": name, "status": 504, "error": f"no result within the {limits.timeout:g} s limit"}
+        except Exception as e:  # a model failure: say so, keep serving
+            return {"file": name, "status": 500, "error": f"inference failed: {type(e).__name__}: {e}"}
+        return {"file": name, "latex": latex, "seconds": round(time.perf_counter() - t0, 4)}
+
+    @app.post("/predict")
+    async def predict(file: UploadFile = File(...)):
+        deadline = time.monotonic() + limits.timeout
+        result = await one(await file.read(), file.filename or "upload", deadline)
+        if "error" in result:
+            headers = {"Retry-After": "1"} if result["status"] == 503 else None
+            return JSONResponse({"detail": result["error"]}, status_code=result["status"], headers=headers)
+        return {"latex": result["latex"], "seconds": result["seconds"]}
+
+    @app.post("/predict/batch")
+    async def predict_batch(files: list[UploadFile] = File(...)):
+        if len(files) > limits.max_files:
+            return JSONResponse({"detail": f"{len(files)} files in one request; the limit is "
+                                           f"{limits.max_files}"}, status_code=413)
+        deadline = time.monotonic() + limits.timeout
+        datas = [await f.read() for f in files]
+        results = await asyncio.gather(*(one(d, f.filename or f"upload {i}", deadline)
+                                         for i, (d, f) in enumerate(zip(datas, files))))
+        return {"results": list(results)}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "backend": model.backend, "checkpoint": model.checkpoint,
+                "queued": inference.q.qsize(), "batches": inference.batches, "pages": inference.pages,
+                "limits": limits.__dict__}
+
+    @app.get("/")
+    async def index():
+        return FileResponse(STATIC_DIR / "index.html")
+
+    return LimitBody(app, limits.max_upload_bytes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    import uvicorn
+
+    from pix2tex.predict import DEFAULT_CHECKPOINT, LatexOCR
+
+    d = Limits()
+    p = argparse.ArgumentParser(prog="pix2tex-serve", description="HTTP service: image of a formula -> LaTeX.")
+    p.add_argument("--checkpoint", "-c", help=f"trained checkpoint or ONNX export folder (default: "
+                                              f"$PIX2TEX_CHECKPOINT or {DEFAULT_CHECKPOINT})")
+    p.add_argument("--config", help="YAML config (default: the one stored in the checkpoint)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the one the checkpoint names)")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--beam", type=int, default=1, help="beam width (1: greedy)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8502)
+    p.add_argument("--threads", type=int, default=None, help="torch/onnxruntime CPU threads")
+    p.add_argument("--max-upload-bytes", type=int, default=d.max_upload_bytes)
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels)
+    p.add_argument("--max-files", type=int, default=d.max_files)
+    p.add_argument("--timeout", type=float, default=d.timeout, help="seconds per request")
+    p.add_argument("--queue-size", type=int, default=d.queue_size)
+    p.add_argument("--max-batch", type=int, default=d.max_batch)
+    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait * 1000)
+    p.add_argument("--max-connections", type=int, default=256, help="more concurrent connections get 503")
+    a = p.parse_args(argv)
+    limits = Limits(max_upload_bytes=a.max_upload_bytes, max_pixels=a.max_pixels, max_files=a.max_files,
+                    timeout=a.timeout, queue_size=a.queue_size, max_batch=a.max_batch,
+                    batch_wait=a.batch_wait_ms / 1000)
+    try:
+        model = LatexOCR(a.checkpoint, config=a.config, tokenizer=a.tokenizer, device=a.device,
+                         backend=a.backend, beam_width=a.beam, batch_size=a.max_batch, threads=a.threads)
+    except Exception as e:
+        print(f"pix2tex-serve: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"pix2tex-serve: model {model.checkpoint} ({a.backend}) loaded; http://{a.host}:{a.port}/",
+          file=sys.stderr)
+    uvicorn.run(create_app(model, limits), host=a.host, port=a.port, limit_concurrency=a.max_connections,
+                log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

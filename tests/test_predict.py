@@ -1,0 +1,193 @@
+"""The LatexOCR API and the `pix2tex` CLI, on a tiny model trained for this session."""
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pix2tex.predict import LatexOCR, ModelNotFound, main
+from pix2tex.preprocess import ImageError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and then do not suffer from a busy machine)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # LatexOCR(threads=1) below set it for the whole process
+
+
+@pytest.fixture(scope="module")
+def ocr(tiny_model):
+    return LatexOCR(checkpoint=tiny_model.checkpoint, device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def images(tiny_model):
+    return list(tiny_model.images[:6])
+
+
+def run_cli(args, capsys, stdin: bytes | None = None, monkeypatch=None):
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code or 0, out.out, out.err
+
+
+# --- API -------------------------------------------------------------------------------------
+
+def test_every_source_type_gives_the_same_latex(ocr, images):
+    path = images[0]
+    expected = ocr(path)
+    assert isinstance(expected, str) and expected  # a trained model says something
+    data = path.read_bytes()
+    pil = Image.open(path)
+    for source in (str(path), data, io.BytesIO(data), pil, np.asarray(pil.convert("L")),
+                   np.asarray(pil.convert("RGB"))):
+        assert ocr(source) == expected
+
+
+def test_greedy_is_the_models_greedy_decoding(ocr, images):
+    """The API adds preprocessing and detokenizing, nothing else: same ids as model.generate."""
+    from pix2tex.dataset.transforms import MEAN, STD
+
+    page = ocr.preprocess(images[1])
+    x = torch.from_numpy((page.astype(np.float32) / 255 - MEAN) / STD)[None, None]
+    with torch.inference_mode():
+        ids = ocr.model.generate(x, temperature=0.0)
+    assert ocr(images[1]) == ocr.tokenizer.decode(ids[0].tolist())
+
+
+def test_batch_equals_single_calls(ocr, images):
+    single = [ocr(p) for p in images]
+    assert ocr.batch(images) == single
+    assert len(set(single)) > 1  # the model tells the formulas apart (not one constant answer)
+
+
+def test_beam_search_option(ocr, images):
+    beam = ocr(images[0], beam_width=3)
+    assert isinstance(beam, str) and beam
+    assert ocr.batch(images[:2], beam_width=3)[0] == beam
+
+
+def test_blank_and_tiny_images(ocr):
+    assert ocr(Image.new("L", (300, 80), 255)) == ""  # blank: empty result, not a crash
+    assert ocr(Image.new("RGB", (1, 1), (255, 255, 255))) == ""
+    dot = Image.new("L", (5, 5), 255)
+    dot.putpixel((2, 2), 0)
+    assert isinstance(ocr(dot), str)  # one ink pixel: some answer, no crash
+
+
+def test_bad_inputs_raise_image_error(ocr, images, tmp_path):
+    (tmp_path / "zero.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("hello")
+    data = images[0].read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    for name, reason in [("zero.png", "empty"), ("text.png", "not an image"), ("cut.png", "truncated")]:
+        with pytest.raises(ImageError, match=reason):
+            ocr(tmp_path / name)
+    with pytest.raises(ImageError, match="image 1: .*empty"):
+        ocr.batch([images[0], tmp_path / "zero.png"])
+
+
+def test_missing_default_checkpoint(monkeypatch, tmp_path):
+    monkeypatch.setenv("PIX2TEX_CHECKPOINT", str(tmp_path / "none.pth"))
+    with pytest.raises(ModelNotFound, match="--checkpoint"):
+        LatexOCR()
+
+
+def test_tokenizer_found_beside_a_moved_checkpoint(tiny_model, tmp_path, images, ocr):
+    """A checkpoint folder copied elsewhere (with its tokenizer.json) still loads."""
+    ckpt = torch.load(tiny_model.checkpoint, weights_only=True)
+    ckpt["tokenizer"] = "/nonexistent/tokenizer.json"
+    ckpt["config"]["tokenizer"] = "/nonexistent/tokenizer.json"
+    torch.save(ckpt, tmp_path / "model.pth")
+    with pytest.raises(FileNotFoundError, match="tokenizer not found"):
+        LatexOCR(checkpoint=tmp_path / "model.pth")
+    shutil.copy(tiny_model.data.tokenizer, tmp_path / "tokenizer.json")
+    assert LatexOCR(checkpoint=tmp_path / "model.pth")(images[0]) == ocr(images[0])
+
+
+def test_other_tokenizer_refused(tiny_model, tmp_path):
+    from pix2tex.dataset.tokenizer import train_tokenizer
+
+    other = train_tokenizer(["a + b", "x ^ { 2 }", "\\frac { 1 } { 2 }"], vocab_size=40)
+    other.save(tmp_path / "other.json")
+    with pytest.raises(ValueError, match="another tokenizer"):
+        LatexOCR(checkpoint=tiny_model.checkpoint, tokenizer=tmp_path / "other.json")
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+def test_cli_files_folder_and_formats(tiny_model, ocr, images, capsys, tmp_path):
+    ck = ["--checkpoint", str(tiny_model.checkpoint), "--device", "cpu"]
+    code, out, _ = run_cli([str(images[0]), *ck], capsys)
+    assert code == 0 and out == ocr(images[0]) + "\n"  # one input: just the LaTeX
+    code, out, _ = run_cli([str(images[0]), "-f", "inline", *ck], capsys)
+    assert out == f"${ocr(images[0])}$\n"
+    code, out, _ = run_cli([str(images[0]), "-f", "display", *ck], capsys)
+    assert out == f"$${ocr(images[0])}$$\n"
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in images[:3]:
+        shutil.copy(p, folder / p.name)
+    (folder / "notes.txt").write_text("not an image, and not named like one: skipped")
+    code, out, _ = run_cli([str(folder), "-f", "json", "--batch-size", "2", *ck], capsys)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [Path(r["file"]).name for r in rows] == [p.name for p in images[:3]]
+    assert [r["latex"] for r in rows] == ocr.batch(images[:3])
+    assert all(r["seconds"] > 0 for r in rows)
+    code, out, _ = run_cli([str(folder), *ck], capsys)  # several inputs: names shown
+    assert out.splitlines()[0] == f"{folder / images[0].name}: {ocr(images[0])}"
+
+
+def test_cli_stdin(tiny_model, ocr, images, capsys, monkeypatch):
+    code, out, _ = run_cli(["-", "--checkpoint", str(tiny_model.checkpoint), "-f", "json"], capsys,
+                           stdin=images[2].read_bytes(), monkeypatch=monkeypatch)
+    row = json.loads(out)
+    assert code == 0 and row["file"] == "<stdin>" and row["latex"] == ocr(images[2])
+
+
+def test_cli_bad_inputs_exit_nonzero_but_print_the_rest(tiny_model, ocr, images, capsys, tmp_path):
+    (tmp_path / "zero.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("hello")
+    blank = tmp_path / "blank.png"
+    Image.new("L", (200, 60), 255).save(blank)
+    args = [str(images[0]), str(tmp_path / "zero.png"), str(tmp_path / "text.png"), str(blank),
+            str(tmp_path / "missing.png"), str(images[1]), "-f", "json",
+            "--checkpoint", str(tiny_model.checkpoint)]
+    code, out, err = run_cli(args, capsys)
+    assert code == 1
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["file"] for r in rows] == [str(images[0]), str(blank), str(images[1])]
+    assert rows[0]["latex"] == ocr(images[0]) and rows[1]["latex"] == ""
+    assert "zero.png: empty file" in err and "text.png: not an image" in err
+    assert "missing.png: no such file" in err and "3 of 6 inputs could not be read" in err
+
+
+def test_cli_missing_checkpoint(capsys, tmp_path, images):
+    code, out, err = run_cli([str(images[0]), "--checkpoint", str(tmp_path / "nope.pth")], capsys)
+    assert code == 2 and out == "" and "checkpoint not found" in err
+
+
+def test_python_dash_m_entry_point(tiny_model, ocr, images):
+    """`python -m pix2tex.predict` in a fresh process, default checkpoint from the environment."""
+    env = {**os.environ, "PIX2TEX_CHECKPOINT": str(tiny_model.checkpoint), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pix2tex.predict", str(images[0]), "-f", "inline"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"${ocr(images[0])}$\n"
