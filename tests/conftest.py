@@ -57,3 +57,49 @@ def tiny_data(tmp_path_factory) -> TinyData:
                     tokenizer=root / "tokenizer.json", formulas=root / "train.txt",
                     val_formulas=root / "val.txt", train_images=root / "images" / "train",
                     val_images=root / "images" / "val")
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A tiny ViT model trained (~300 steps, 10-20 s) to memorize 8 formulas of `tiny_data`: its
+    greedy outputs depend on the image and differ in length, yet it is no OCR model."""
+    checkpoint: Path  # last.pth: weights, config, tokenizer path
+    images: tuple  # the 8 rendered training images (PNG paths) it has memorized
+    formulas: tuple  # their labels
+    data: TinyData
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_data, tmp_path_factory) -> TinyModel:
+    import shutil
+
+    import torch
+
+    from pix2tex.config import load_config
+    from pix2tex.dataset.dataset import Im2LatexDataset
+    from pix2tex.train import train
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    (root / "images").mkdir()
+    formulas = tiny_data.formulas.read_text(encoding="utf-8").splitlines()[:8]
+    for i in range(len(formulas)):
+        shutil.copy(tiny_data.train_images / f"{i:07d}.png", root / "images" / f"{i:07d}.png")
+    (root / "train.txt").write_text("".join(f + "\n" for f in formulas), encoding="utf-8")
+    ds = Im2LatexDataset.build(root / "images", root / "train.txt", tiny_data.tokenizer, batchsize=8)
+    ds.save(root / "train.pkl")
+    cfg = load_config(None, [
+        f"data={root / 'train.pkl'}", f"tokenizer={tiny_data.tokenizer}", f"model_path={root}",
+        "name=run", "encoder_structure=vit", "max_height=64", "max_width=256", "dim=64",
+        "encoder_depth=1", "num_layers=2", "heads=4", "num_tokens=300", "max_seq_len=64",
+        "batchsize=8", "max_steps=300", "epochs=100000", "optimizer.lr=3e-3", "sample_freq=100000",
+        "device=cpu", "seed=0", "inference_precision=fp32"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest, and immune to a busy machine
+    try:
+        summary = train(cfg, train_data=Im2LatexDataset.load(root / "train.pkl").update(
+            keep_smaller_batches=True))
+    finally:
+        torch.set_num_threads(threads)
+    return TinyModel(checkpoint=Path(summary["run_dir"]) / "last.pth",
+                     images=tuple(sorted((root / "images").glob("*.png"))), formulas=tuple(formulas),
+                     data=tiny_data)

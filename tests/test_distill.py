@@ -92,3 +92,216 @@ def test_match_grid_resamples_encoder_memory():
     assert out.shape == (2, 12, D)
     constant = torch.ones(1, 48, D)
     torch.testing.assert_close(match_grid(constant, 12, (64, 192)), torch.ones(1, 12, D))
+
+
+# --- distillation runs on tiny real models ----------------------------------------------------
+# Teacher: the session's `tiny_model` (ViT, width 64, trained on 8 formulas of `tiny_data`);
+# students: the six experiment configs of settings/distill/ shrunk to width 32.
+
+import copy
+import json
+import os
+from pathlib import Path
+
+from pix2tex.checkpoint import load_checkpoint, load_model_weights
+from pix2tex.config import load_config
+from pix2tex.dataset.dataset import Im2LatexDataset
+from pix2tex.distill.main import Distiller, check_pseudo_labels, distill, main
+from pix2tex.distill.pseudo_labels import make_pseudo_labels, model_digest
+from pix2tex.models import get_model
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENTS = ["original", "target_soft", "target_soft_embed", "beamsearch", "bs_soft", "bs_soft_embed"]
+TINY_STUDENT = ["encoder_structure=vit", "max_height=64", "max_width=256", "dim=32", "encoder_depth=1",
+                "num_layers=1", "heads=2", "encoder_heads=2", "num_tokens=300", "max_seq_len=64"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread is fastest, and immune to a busy machine (two threads on a loaded
+    2-core machine make each small op wait milliseconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_model):
+    ckpt = load_checkpoint(tiny_model.checkpoint)
+    cfg = load_config(None, base=ckpt["config"])
+    model = get_model(cfg)
+    load_model_weights(model, ckpt)
+    return model.eval().requires_grad_(False), cfg
+
+
+@pytest.fixture(scope="module")
+def real_batch(tiny_data, teacher):
+    data = Im2LatexDataset.load(tiny_data.train_pkl).update(
+        batchsize=4, shuffle=False, transform="test", max_seq_len=64, max_dimensions=(256, 64))
+    plan = data.batch_plan(0)
+    return data.load_batch(plan[0], 0, 0)
+
+
+@pytest.fixture(scope="module")
+def bs_labels(tiny_model, tiny_data, teacher, tmp_path_factory):
+    """Pseudo labels of the tiny training set: once interrupted after one batch, then resumed."""
+    out = str(tmp_path_factory.mktemp("bs") / "train_bs3.pkl")
+    data = Im2LatexDataset.load(tiny_data.train_pkl)
+    kwargs = dict(beam_width=3, batchsize=8, min_dimensions=(32, 32))
+    assert make_pseudo_labels(teacher[0], data, out, max_new_batches=1, **kwargs) is None
+    assert Path(out + ".partial").is_file() and not Path(out).exists()
+    meta = make_pseudo_labels(teacher[0], data, out, **kwargs)
+    return out, meta
+
+
+def distill_cfg(name, tiny_data, teacher_ckpt, tmp_path, bs_pkl=None, extra=()):
+    overrides = [f"data={tiny_data.train_pkl}", f"valdata={tiny_data.val_pkl}",
+                 f"tokenizer={tiny_data.tokenizer}", f"model_path={tmp_path}", f"name={name}",
+                 "distill.teacher_config=null", f"distill.teacher_ckpt={teacher_ckpt}",
+                 *TINY_STUDENT, "batchsize=4", "testbatchsize=8", "max_steps=2", "log_freq=1",
+                 "sample_freq=100000", "valbatches=1", "device=cpu", "inference_precision=fp32",
+                 "optimizer.lr=1e-3", *extra]
+    if bs_pkl:
+        overrides.append(f"distill.pseudo_labels={bs_pkl}")
+    return load_config(REPO / "settings" / "distill" / f"{name}.yaml", overrides)
+
+
+def all_parts(distill_overrides, **kw):
+    d = load_config(None, [f"distill.{k}={v}" for k, v in {**distill_overrides, **kw}.items()]).distill
+    return d
+
+
+def test_model_level_losses_vanish_for_a_copy_of_the_teacher_and_grow_otherwise(teacher, real_batch):
+    t_model, t_cfg = teacher
+    images, tgt = real_batch
+    d = all_parts({"r_target": 1.0, "r_soft": 1.0, "r_hard": 1.0, "r_embedding": 1.0,
+                   "embed_decoder": True, "temperature": 2.0})
+    copy_student = copy.deepcopy(t_model).requires_grad_(True)
+    _, same = Distiller(copy_student, t_model, d).losses(images, tgt)
+    assert same["soft"] < 1e-6 and same["embed_encoder"] < 1e-10 and same["embed_decoder"] < 1e-10
+    torch.manual_seed(0)
+    other = get_model(t_cfg)  # same shape, untrained
+    _, diff = Distiller(other, t_model, d).losses(images, tgt)
+    assert diff["soft"] > 0.1 and diff["embed_encoder"] > 1e-3 and diff["embed_decoder"] > 1e-3
+    assert same["hard"] < diff["hard"]
+
+
+def test_padding_and_tokens_after_eos_do_not_change_any_loss(teacher, real_batch):
+    t_model, t_cfg = teacher
+    images, tgt = real_batch
+    d = all_parts({"r_target": 1.0, "r_soft": 1.0, "r_hard": 1.0, "r_embedding": 1.0,
+                   "embed_decoder": True})
+    student_cfg = load_config(None, TINY_STUDENT)
+    torch.manual_seed(0)
+    distiller = Distiller(get_model(student_cfg), t_model, d)  # 32 -> 64: learned projection
+    total, parts = distiller.losses(images, tgt)
+    padded = torch.cat([tgt, torch.zeros(len(tgt), 5, dtype=tgt.dtype)], 1)
+    garbage = padded.clone()
+    after_eos = (padded == 2).cumsum(1) - (padded == 2).long() > 0
+    garbage[after_eos] = torch.randint(4, 300, (int(after_eos.sum()),))
+    for changed in (padded, garbage):
+        total2, parts2 = distiller.losses(images, changed)
+        torch.testing.assert_close(total2, total)
+        for k in parts:
+            torch.testing.assert_close(parts2[k], parts[k])
+
+
+def test_teacher_never_changes_gets_no_gradient_and_is_not_part_of_the_student(
+        tiny_model, tiny_data, teacher, tmp_path):
+    cfg = distill_cfg("target_soft_embed", tiny_data, tiny_model.checkpoint, tmp_path,
+                      extra=["distill.r_hard=0.5", "max_steps=3"])
+    summary = distill(cfg)
+    t_model = summary["teacher"]
+    assert all(not p.requires_grad and p.grad is None for p in t_model.parameters())
+    for k, v in teacher[0].state_dict().items():  # bit-identical to the checkpoint's teacher
+        assert torch.equal(v, t_model.state_dict()[k]), k
+    run = Path(summary["run_dir"])
+    ckpt = load_checkpoint(run / "last.pth")
+    assert not any("teacher" in k for k in ckpt["model"])
+    assert ckpt["model"]["embed_encoder.project.weight"].shape == (64, 32)  # trained and saved
+    distiller_params = len([k for k in ckpt["model"] if "project" in k or k.startswith("student.")])
+    assert len(ckpt["optimizer"]["state"]) == sum(1 for _ in ckpt["model"]) >= distiller_params
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"target", "soft", "hard", "embed_encoder", "embed_decoder"} <= set(logged[0])
+    # resume continues the same run: projection heads and optimizer come back from last.pth
+    cfg.max_steps = 5
+    resumed = distill(cfg, resume=True)
+    assert resumed["step"] == 5
+    after = load_checkpoint(run / "last.pth")
+    assert not torch.equal(after["model"]["embed_encoder.project.weight"],
+                           ckpt["model"]["embed_encoder.project.weight"])
+    # the exported student is a plain model checkpoint
+    exported = load_checkpoint(summary["student_checkpoint"])
+    student = get_model(load_config(None, base=exported["config"]))
+    load_model_weights(student, exported)
+
+
+def test_pseudo_label_pkl_holds_the_teachers_beam_outputs(bs_labels, teacher, tiny_data):
+    out, meta = bs_labels
+    t_model = teacher[0]
+    assert not Path(out + ".partial").exists()
+    labelled = Im2LatexDataset.load(out)
+    source = Im2LatexDataset.load(tiny_data.train_pkl).update(
+        batchsize=8, shuffle=False, transform="test", keep_smaller_batches=True, max_seq_len=64,
+        max_dimensions=(256, 64))
+    expected = {}
+    for b, indices in enumerate(source.batch_plan(0)):
+        images, _ = source.load_batch(indices, 0, b)
+        ids = t_model.generate(images, max_len=63, beam_width=3)
+        for i, row in zip(indices, ids.tolist()):
+            if 2 in row and row.index(2) > 0:
+                expected[os.path.realpath(source.image_path(i))] = row[:row.index(2)]
+    assert meta["samples"] == len(labelled.paths) == len(expected) > 0
+    for i, ids in enumerate(labelled.ids):
+        assert ids.tolist() == expected[os.path.realpath(labelled.image_path(i))]
+    lines = Path(out).with_suffix(".lst").read_text(encoding="utf-8").splitlines()
+    assert lines == labelled.formulas == source.tokenizer.decode_batch(labelled.ids)
+    assert meta["differ_from_ground_truth"] > 0  # the teacher only memorized 8 of them
+    check_pseudo_labels(out, model_digest(t_model))
+    with pytest.raises(ValueError, match="another teacher"):
+        check_pseudo_labels(out, "0" * 64)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_each_experiment_config_distills_a_few_steps(name, tiny_model, tiny_data, bs_labels, tmp_path):
+    bs = bs_labels[0] if name.startswith(("bs", "beam")) else None
+    cfg = distill_cfg(name, tiny_data, tiny_model.checkpoint, tmp_path, bs_pkl=bs)
+    summary = distill(cfg)
+    assert summary["step"] == 2 and summary["reason"] == "max_steps"
+    logged = json.loads((Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])
+    d = cfg.distill
+    expected = {k for k, r in (("target", d.r_target), ("soft", d.r_soft), ("hard", d.r_hard),
+                               ("embed_encoder", d.r_embedding)) if r}
+    assert expected <= set(logged) and all(logged[k] > 0 for k in expected)
+    if d.embed_decoder and d.r_embedding:
+        assert logged["embed_decoder"] > 0
+    ckpt = load_checkpoint(summary["student_checkpoint"])
+    student = get_model(load_config(None, base=ckpt["config"]))
+    load_model_weights(student, ckpt)
+    assert sum(p.numel() for p in student.parameters()) < sum(
+        p.numel() for p in summary["teacher"].parameters())
+
+
+def test_command_line_makes_pseudo_labels_distills_and_compares(tiny_model, tiny_data, tmp_path,
+                                                                capsys):
+    """`python -m pix2tex.distill` with a BS config whose label pkl is missing: the teacher's beam
+    outputs are made first (pseudo_labels' own command line), then the student trains on them."""
+    cfg_path = REPO / "settings" / "distill" / "bs_soft.yaml"
+    bs = tmp_path / "labels" / "train_bs2.pkl"
+    overrides = [f"data={tiny_data.train_pkl}", f"valdata={tiny_data.val_pkl}",
+                 f"tokenizer={tiny_data.tokenizer}", f"model_path={tmp_path}", "name=cli",
+                 "distill.teacher_config=null", f"distill.teacher_ckpt={tiny_model.checkpoint}",
+                 f"distill.pseudo_labels={bs}", "distill.beam_width=2",
+                 *TINY_STUDENT, "batchsize=4", "testbatchsize=8", "max_steps=2",
+                 "sample_freq=100000", "valbatches=1", "device=cpu", "inference_precision=fp32"]
+    main(["--config", str(cfg_path), "--eval-batches", "1", *overrides])
+    out = capsys.readouterr().out
+    assert "relabelled by the teacher (beam width 2" in out
+    assert bs.is_file() and bs.with_suffix(".lst").is_file()
+    assert "| teacher |" in out and "| student |" in out and "speed-up at fixed length" in out
+    comparison = json.loads((tmp_path / "cli" / "student" / "comparison.json").read_text())
+    assert set(comparison["results"]) == {"teacher", "student"}
+    assert comparison["results"]["student"]["params"] < comparison["results"]["teacher"]["params"]
+    ckpt = load_checkpoint(tmp_path / "cli" / "student" / "best.pth")
+    assert ckpt["config"]["data"] == str(bs)  # trained on the teacher's labels

@@ -1,0 +1,6 @@
+"""Knowledge distillation of a trained teacher into a small, fast student.
+
+`losses` (the masked KD losses), `main` (Distiller, the training run, teacher-vs-student comparison,
+`python -m pix2tex.distill`), `pseudo_labels` (the teacher's beam outputs as a dataset, for
+sequence-level KD: `python -m pix2tex.distill.pseudo_labels`).
+"""

@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""Distillation table: the teacher and each student side by side, one dataset, one budget.
+
+    .venv/bin/python bench/distill_table.py --data DIR --out OUT --teacher-steps 500 --steps 200 \
+        [--experiments original,target_soft,...] [--threads 1] [--set key=value ...] [--teacher-set ...]
+
+DIR is a create_data.sh folder (train.pkl, val.pkl, tokenizer.json). Phases, each skipped when its
+output is already in OUT (so a rerun resumes where an interrupted one stopped):
+
+1. teacher: settings/distill/teacher.yaml trained for --teacher-steps (unless --teacher-ckpt);
+2. pseudo labels (when a beamsearch/bs_* experiment is chosen): the teacher's beam outputs (width
+   distill.beam_width) over train.pkl, OUT/train_bs.pkl;
+3. each experiment settings/distill/<name>.yaml distilled for --steps optimizer steps (the same
+   budget for all; validation once, at the end);
+4. teacher and students evaluated on val.pkl (greedy): BLEU, normalized edit distance, token
+   accuracy, exact match, parameters, and decode milliseconds per formula, the models taking turns
+   on the same batches so that a busy machine slows them alike.
+
+Writes OUT/table.md and OUT/results.json and prints one JSON object (the table in `table`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+EXPERIMENTS = ["original", "target_soft", "target_soft_embed", "beamsearch", "bs_soft", "bs_soft_embed"]
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="folder with train.pkl, val.pkl, tokenizer.json")
+    p.add_argument("--out", required=True, help="output folder (runs, pseudo labels, table)")
+    p.add_argument("--experiments", default=",".join(EXPERIMENTS))
+    p.add_argument("--teacher-steps", type=int, default=500)
+    p.add_argument("--teacher-ckpt", help="use this trained teacher instead of training one")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per student")
+    p.add_argument("--eval-batches", type=int, help="evaluate on the first N val batches only")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: fastest for these small models on a shared machine)")
+    p.add_argument("--set", nargs="*", default=[], metavar="key=value",
+                   help="overrides for every student config (e.g. optimizer.lr=3e-3)")
+    p.add_argument("--teacher-set", nargs="*", default=[], metavar="key=value",
+                   help="overrides for the teacher's training config")
+    args = p.parse_args()
+
+    import torch
+
+    from pix2tex.checkpoint import load_checkpoint, load_model_weights
+    from pix2tex.config import load_config
+    from pix2tex.dataset.dataset import Im2LatexDataset
+    from pix2tex.dataset.tokenizer import load_tokenizer
+    from pix2tex.distill.main import compare, distill, load_teacher, markdown_table
+    from pix2tex.distill.pseudo_labels import make_pseudo_labels
+    from pix2tex.eval import prepare_dataset
+    from pix2tex.models import get_model
+    from pix2tex.train import train
+
+    torch.set_num_threads(args.threads)
+    names = [n.strip() for n in args.experiments.split(",") if n.strip()]
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        raise SystemExit(f"unknown experiments {unknown}; choose from {EXPERIMENTS}")
+    data = {k: os.path.join(os.path.abspath(args.data), f) for k, f in
+            (("data", "train.pkl"), ("valdata", "val.pkl"), ("tokenizer", "tokenizer.json"))}
+    out = os.path.abspath(args.out)
+    runs = os.path.join(out, "runs")
+    timings_path = os.path.join(out, "timings.json")
+    timings = json.load(open(timings_path)) if os.path.isfile(timings_path) else {}
+    load_start = os.getloadavg()
+    t_all = time.time()
+    common = [f"{k}={v}" for k, v in data.items()] + [f"model_path={runs}", "device=cpu"]
+
+    def timed(phase: str, fn):
+        t0 = time.time()
+        result = fn()
+        timings[phase] = round(time.time() - t0, 1)
+        os.makedirs(out, exist_ok=True)
+        with open(timings_path, "w") as f:
+            json.dump(timings, f, indent=2)
+        log(f"[distill_table] {phase}: {timings[phase]:.0f}s")
+        return result
+
+    # 1. teacher
+    teacher_cfg_path = os.path.join(REPO, "settings", "distill", "teacher.yaml")
+    teacher_ckpt = args.teacher_ckpt
+    if not teacher_ckpt:
+        teacher_ckpt = os.path.join(runs, "teacher", "best.pth")
+        if not os.path.isfile(teacher_ckpt):
+            cfg = load_config(teacher_cfg_path, common + [
+                "name=teacher", f"max_steps={args.teacher_steps}", f"sample_freq={args.teacher_steps}",
+                *args.teacher_set])
+            timed("teacher", lambda: train(cfg, echo=log))
+    teacher, tcfg, _ = load_teacher(teacher_ckpt)
+
+    # 2. pseudo labels
+    bs_pkl = os.path.join(out, "train_bs.pkl")
+    if any(n in ("beamsearch", "bs_soft", "bs_soft_embed") for n in names) and not os.path.isfile(bs_pkl):
+        width = load_config(os.path.join(REPO, "settings", "distill", "beamsearch.yaml")).distill.beam_width
+        meta = timed("pseudo_labels", lambda: make_pseudo_labels(
+            teacher, Im2LatexDataset.load(data["data"]), bs_pkl, beam_width=width,
+            batchsize=tcfg.testbatchsize, min_dimensions=(tcfg.min_width, tcfg.min_height),
+            progress=True))
+        log(f"[distill_table] pseudo labels: {json.dumps(meta)}")
+
+    # 3. students, equal budgets
+    students = {}
+    for name in names:
+        cfg = load_config(os.path.join(REPO, "settings", "distill", f"{name}.yaml"), common + [
+            f"name={name}", f"max_steps={args.steps}", f"sample_freq={args.steps}",
+            f"distill.teacher_ckpt={teacher_ckpt}", "distill.teacher_config=null",
+            *([f"distill.pseudo_labels={bs_pkl}"] if name in ("beamsearch", "bs_soft", "bs_soft_embed")
+              else []), *args.set])
+        exported = os.path.join(runs, name, "student", "best.pth")
+        if not os.path.isfile(exported):
+            timed(name, lambda: distill(cfg, echo=log))
+        ckpt = load_checkpoint(exported)
+        model = get_model(load_config(None, base=ckpt["config"]))
+        load_model_weights(model, ckpt, exported)
+        students[name] = (model, cfg)
+
+    # 4. side by side on the validation set
+    first_cfg = next(iter(students.values()))[1] if students else tcfg
+    val = prepare_dataset(Im2LatexDataset.load(data["valdata"]), first_cfg, first_cfg.testbatchsize)
+    models = {"teacher": teacher, **{n: m for n, (m, _) in students.items()}}
+    results = timed("evaluation", lambda: compare(
+        models, val, load_tokenizer(data["tokenizer"]), device="cpu", max_batches=args.eval_batches,
+        timing_batches=4, timing_rounds=3))
+    for name in students:
+        results[name]["train_seconds"] = timings.get(name)
+    table = markdown_table(results, reference="teacher")
+    t_total = time.time() - t_all
+    original = results.get("original")
+    summary = {
+        "data": os.path.abspath(args.data), "out": out, "threads": args.threads,
+        "budget": {"teacher_steps": args.teacher_steps if not args.teacher_ckpt else None,
+                   "student_steps": args.steps, "batchsize": first_cfg.batchsize},
+        "val_formulas": results["teacher"]["n"],
+        "seconds": {**timings, "this_run": round(t_total, 1)},
+        "load_average": {"start": [round(x, 2) for x in load_start],
+                         "end": [round(x, 2) for x in os.getloadavg()]},
+        "results": results,
+        "targets": {
+            "smallest_params_ratio": min((results[n]["params"] / results["teacher"]["params"]
+                                          for n in students), default=None),
+            "min_speedup": min((results["teacher"]["decode_ms"] / results[n]["decode_ms"]
+                                for n in students), default=None),
+            "kd_beating_original_bleu": [n for n in students if original and n != "original"
+                                         and results[n]["bleu"] > original["bleu"]],
+        },
+        "table": table,
+    }
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    log(table)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

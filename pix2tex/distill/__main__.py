@@ -1,0 +1,3 @@
+from pix2tex.distill.main import main
+
+main()
