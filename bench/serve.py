@@ -124,6 +124,12 @@ def client(port: int, bodies: list, stop_at: float, offset: int, out: list, max_
     conn.close()
 
 
+def sample_rss(pid: int, stop_at: float, out: list, every: float = 10.0):
+    while time.perf_counter() < stop_at - 1:
+        time.sleep(min(every, max(0.0, stop_at - time.perf_counter() - 1)))
+        out.append(round(rss_mib(pid), 1))
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
@@ -150,7 +156,7 @@ def main() -> None:
         onnx_dir = os.path.join(opts.workdir, "onnx")
         if not os.path.isfile(os.path.join(onnx_dir, "pix2tex_onnx.json")):
             subprocess.run([sys.executable, "-m", "pix2tex.export", "--onnx", "--checkpoint", ckpt,
-                            "--out", onnx_dir], check=True, cwd=REPO)
+                            "--out", onnx_dir], check=True, cwd=REPO, stdout=sys.stderr)
         ckpt = onnx_dir
     bodies = []
     for path in images:
@@ -187,8 +193,10 @@ def main() -> None:
         stop_at = time.perf_counter() + opts.seconds
         threads = [threading.Thread(target=client, args=(port, bodies, stop_at, i, results[i], 10**7))
                    for i in range(opts.clients)]
+        samples = []  # server RSS every ~10 s: a leak keeps climbing, warm-up levels off
+        sampler = threading.Thread(target=sample_rss, args=(server.pid, stop_at, samples), daemon=True)
         t0 = time.perf_counter()
-        for t in threads:
+        for t in threads + [sampler]:
             t.start()
         for t in threads:
             t.join()
@@ -207,6 +215,7 @@ def main() -> None:
     ok = [lat for lat, status in done if status == 200]
     pages = health["pages"] - health_before["pages"]
     batches = health["batches"] - health_before["batches"]
+    passes = health["forward_passes"] - health_before["forward_passes"]
     print(json.dumps({
         "bench": "serve",
         "backend": opts.backend,
@@ -223,10 +232,15 @@ def main() -> None:
                        "p99": round(1000 * percentile(ok, 99), 1),
                        "mean": round(1000 * statistics.fmean(ok), 1),
                        "max": round(1000 * max(ok), 1)} if ok else None,
-        "batching": {"forward_batches": batches, "images": pages,
-                     "mean_batch": round(pages / max(batches, 1), 2), "max_batch": opts.max_batch},
-        "rss_mib": {"before": round(rss_before, 1), "after": round(rss_after, 1),
-                    "growth": round(rss_after - rss_before, 1)},
+        # queue batches: what the inference thread took at once; forward passes: one per page size
+        "batching": {"images": pages, "queue_batches": batches, "forward_passes": passes,
+                     "images_per_queue_batch": round(pages / max(batches, 1), 2),
+                     "images_per_forward_pass": round(pages / max(passes, 1), 2),
+                     "max_batch": opts.max_batch},
+        "rss_mib": {"before": round(rss_before, 1), "during": samples, "after": round(rss_after, 1),
+                    "growth": round(rss_after - rss_before, 1),
+                    "growth_second_half": round(rss_after - samples[len(samples) // 2], 1)
+                    if samples else None},
         "model": {"checkpoint": ckpt, "images": len(images)},
     }, indent=1))
 

@@ -166,25 +166,33 @@ def export_decoder_step(model, cfg, path: str, opset: int = OPSET) -> dict:
     return {"layers": layers, "heads": heads, "head_dim": head_dim}
 
 
-def export_onnx(ocr, out_dir: str | os.PathLike, opset: int = OPSET) -> dict:
-    """Write the ONNX folder for a loaded torch `LatexOCR`. Returns the metadata written."""
+def export_model(model, cfg, out_dir: str | os.PathLike, tokenizer: str | None = None,
+                 source: str | None = None, opset: int = OPSET) -> dict:
+    """Write encoder.onnx, decoder_step.onnx, pix2tex_onnx.json (and a copy of `tokenizer`) for a
+    `Model` and its config. Returns the metadata written."""
     from pix2tex.config import to_dict
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    model, cfg = copy.deepcopy(ocr.model).float().cpu().eval(), ocr.cfg
+    model = copy.deepcopy(model).float().cpu().eval()
     export_encoder(model, cfg, os.path.join(out_dir, "encoder.onnx"), opset)
     cache = export_decoder_step(model, cfg, os.path.join(out_dir, "decoder_step.onnx"), opset)
-    tok_path = ocr.tokenizer.path
-    shutil.copy(tok_path, os.path.join(out_dir, "tokenizer.json"))
-    with open(tok_path, "rb") as f:
-        tok_sha = hashlib.sha256(f.read()).hexdigest()
-    meta = {"config": to_dict(cfg), "tokenizer_sha256": tok_sha, "checkpoint": ocr.checkpoint,
+    tok_sha = None
+    if tokenizer:
+        shutil.copy(tokenizer, os.path.join(out_dir, "tokenizer.json"))
+        with open(tokenizer, "rb") as f:
+            tok_sha = hashlib.sha256(f.read()).hexdigest()
+    meta = {"config": to_dict(cfg), "tokenizer_sha256": tok_sha, "checkpoint": source,
             "bos": cfg.bos_token, "eos": cfg.eos_token, "pad": cfg.pad_token,
             "max_seq_len": cfg.max_seq_len, "cache": cache, "opset": opset}
     with open(os.path.join(out_dir, META), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
     return meta
+
+
+def export_onnx(ocr, out_dir: str | os.PathLike, opset: int = OPSET) -> dict:
+    """Write the ONNX folder for a loaded torch `LatexOCR` (its model, config and tokenizer)."""
+    return export_model(ocr.model, ocr.cfg, out_dir, ocr.tokenizer.path, ocr.checkpoint, opset)
 
 
 # --- run (onnxruntime) ---------------------------------------------------------------------------
@@ -254,13 +262,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", "-o", default="export/pix2tex", help="output folder")
     p.add_argument("--opset", type=int, default=OPSET)
     p.add_argument("--check", nargs="*", default=[], metavar="IMAGE",
-                   help="images to decode with both backends afterwards (ids must be equal)")
+                   help="images to decode with both backends afterwards (the LaTeX must be equal)")
     a = p.parse_args(argv)
     if not a.onnx:
         p.error("say which format: --onnx")
-    from pix2tex.predict import LatexOCR
+    from pix2tex.predict import LatexOCR, quiet_third_party_warnings
     from pix2tex.preprocess import ImageError
 
+    quiet_third_party_warnings()
     try:
         torch_ocr = LatexOCR(a.checkpoint, config=a.config, tokenizer=a.tokenizer, device="cpu",
                              precision="fp32")
@@ -268,7 +277,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"pix2tex.export: error: {e}", file=sys.stderr)
         sys.exit(2)
     t0 = time.perf_counter()
-    export_onnx(torch_ocr, a.out, a.opset)
+    try:
+        export_onnx(torch_ocr, a.out, a.opset)
+    except ValueError as e:  # a decoder the lean step does not cover
+        print(f"pix2tex.export: error: {e}", file=sys.stderr)
+        sys.exit(1)
     print(f"wrote {a.out}/encoder.onnx and decoder_step.onnx in {time.perf_counter() - t0:.1f} s")
     if a.check:
         onnx_ocr = LatexOCR(a.out, backend="onnx")

@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -218,6 +219,12 @@ class LatexOCR:
 
 # --- command line ------------------------------------------------------------------------------
 
+def quiet_third_party_warnings() -> None:
+    """Command lines: x-transformers calls the deprecated torch.jit.script at import; a user of
+    the command cannot act on that warning."""
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
+
+
 def expand_inputs(args: list[str]) -> list[str]:
     """Files as given, folders as their image files (sorted), '-' for stdin."""
     out = []
@@ -261,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_third_party_warnings()
     try:
         model = LatexOCR(args.checkpoint, config=args.config, tokenizer=args.tokenizer,
                          device=args.device, backend=args.backend, beam_width=args.beam,

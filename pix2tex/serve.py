@@ -10,7 +10,8 @@
 
 Requests are decoded and preprocessed on a small thread pool, then wait in one bounded queue for
 the inference thread, which takes whatever is waiting (up to `max_batch`) and runs it together:
-concurrent requests share forward passes. Limits, each answered with a message: body larger than
+concurrent requests of the same page size share a forward pass (pages of other sizes run as their
+own batch, as in `LatexOCR.recognize`: a result never depends on the other requests). Limits, each answered with a message: body larger than
 `max_upload_bytes` -> 413, image over `max_pixels` -> 413, not an image -> 422, queue full -> 503,
 no answer within `timeout` seconds -> 504. A failed request never stops the service.
 """
@@ -59,7 +60,7 @@ class InferenceQueue:
         self.model, self.limits = model, limits
         self.q: queue.Queue = queue.Queue(maxsize=limits.queue_size)
         self.thread = threading.Thread(target=self._run, name="pix2tex-inference", daemon=True)
-        self.batches = self.pages = 0
+        self.batches = self.pages = self.forward_passes = 0
 
     def start(self):
         self.thread.start()
@@ -103,6 +104,7 @@ class InferenceQueue:
                 results = [(None, e)] * len(items)
             self.batches += 1
             self.pages += len(items)
+            self.forward_passes += len({it[0].shape for it in items})
             for (_, fut, loop), (text, err) in zip(items, results):
                 loop.call_soon_threadsafe(_settle, fut, text, err)
 
@@ -237,6 +239,7 @@ def create_app(model, limits: Limits | None = None):
     async def health():
         return {"status": "ok", "backend": model.backend, "checkpoint": model.checkpoint,
                 "queued": inference.q.qsize(), "batches": inference.batches, "pages": inference.pages,
+                "forward_passes": inference.forward_passes,
                 "limits": limits.__dict__}
 
     @app.get("/")
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
-    from pix2tex.predict import DEFAULT_CHECKPOINT, LatexOCR
+    from pix2tex.predict import DEFAULT_CHECKPOINT, LatexOCR, quiet_third_party_warnings
 
     d = Limits()
     p = argparse.ArgumentParser(prog="pix2tex-serve", description="HTTP service: image of a formula -> LaTeX.")
@@ -274,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait * 1000)
     p.add_argument("--max-connections", type=int, default=256, help="more concurrent connections get 503")
     a = p.parse_args(argv)
+    quiet_third_party_warnings()
     limits = Limits(max_upload_bytes=a.max_upload_bytes, max_pixels=a.max_pixels, max_files=a.max_files,
                     timeout=a.timeout, queue_size=a.queue_size, max_batch=a.max_batch,
                     batch_wait=a.batch_wait_ms / 1000)

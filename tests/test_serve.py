@@ -12,7 +12,6 @@ import threading
 import time
 import uuid
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,7 +169,9 @@ def test_concurrent_requests_are_batched(server, ocr, images):
     assert [body["latex"] for _, body, _ in answers] == [ocr(p) for p in jobs]
     after = request(server.port, "GET", "/health")[1]
     pages, batches = after["pages"] - before["pages"], after["batches"] - before["batches"]
-    assert pages == 16 and batches < pages  # concurrent requests shared forward passes
+    passes = after["forward_passes"] - before["forward_passes"]
+    assert pages == 16 and batches < pages  # concurrent requests were taken together
+    assert passes < pages  # 4 images, 4 copies each: same-size pages shared forward passes
 
 
 # --- bad input: a clear error, and the service keeps serving ----------------------------------
@@ -356,3 +357,12 @@ def test_page_shows_errors_and_keeps_working(browser, server, ocr, images, tmp_p
     browser.find_element(By.ID, "file").send_keys(str(images[2]))
     assert wait_for_state(browser, ("done",)) == "done"
     assert browser.find_element(By.ID, "latex").get_attribute("value") == ocr(images[2])
+
+
+def test_serve_command_refuses_a_missing_checkpoint(tmp_path, capsys):
+    from pix2tex.serve import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--checkpoint", str(tmp_path / "nope.pth"), "--port", "0"])
+    assert exit_.value.code == 2
+    assert "checkpoint not found" in capsys.readouterr().err
