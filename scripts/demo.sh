@@ -1,6 +1,39 @@
 #!/usr/bin/env bash
-# The main job on its embedded default (no files from outside the repo).
+# The main job on its embedded default (no files from outside the repo): synthetic formulas ->
+# rendered dataset -> train the tiny teacher -> evaluate it -> distill a student -> predict one
+# image with the CLI -> report. Sizes can be changed through the environment:
+#   DEMO_NUM (synthetic formulas), DEMO_TEACHER_STEPS, DEMO_STUDENT_STEPS, DEMO_DIR, DEMO_RUNS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$PWD/.venv/bin:$PATH"
-./create_data.sh --out data/demo
+export PATH="$PWD/.venv/bin:$PATH" NO_ALBUMENTATIONS_UPDATE=1
+DATA=${DEMO_DIR:-data/demo}
+RUNS=${DEMO_RUNS:-runs/demo}
+NUM=${DEMO_NUM:-10000}
+TEACHER_STEPS=${DEMO_TEACHER_STEPS:-4000}
+STUDENT_STEPS=${DEMO_STUDENT_STEPS:-1500}
+start=$(date +%s)
+# Short synthetic formulas render 16 px tall: keep them (the default minimum is 32 px).
+paths="data=$DATA/train.pkl valdata=$DATA/val.pkl tokenizer=$DATA/tokenizer.json model_path=$RUNS min_height=16"
+resume() { [ -f "$RUNS/$1/last.pth" ] && echo --resume || true; }  # continue an interrupted demo
+
+echo "== 1/5 data: $NUM synthetic formulas -> $DATA"
+./create_data.sh --out "$DATA" --num "$NUM"
+
+echo "== 2/5 train the teacher (settings/distill/teacher.yaml, $TEACHER_STEPS steps)"
+python -m pix2tex.train --config settings/distill/teacher.yaml $paths name=teacher \
+  max_steps="$TEACHER_STEPS" sample_freq=1000 $(resume teacher)
+
+echo "== 3/5 evaluate the teacher on the test split"
+python -m pix2tex.eval --checkpoint "$RUNS/teacher/best.pth" --data "$DATA/test.pkl" \
+  --output "$RUNS/teacher/eval" --no-progress
+
+echo "== 4/5 distill a student (settings/distill/target_soft.yaml, $STUDENT_STEPS steps)"
+python -m pix2tex.distill --config settings/distill/target_soft.yaml $paths name=student \
+  distill.teacher_config=settings/distill/teacher.yaml distill.teacher_ckpt="$RUNS/teacher/best.pth" \
+  max_steps="$STUDENT_STEPS" sample_freq=500 --eval-data "$DATA/test.pkl" $(resume student)
+
+echo "== 5/5 predict one rendered test image with the CLI"
+image="$DATA/images/test/$(ls "$DATA/images/test" | head -1)"
+pix2tex "$image" --checkpoint "$RUNS/teacher/best.pth" --format json | tee "$RUNS/prediction.jsonl"
+
+python scripts/demo_report.py --data "$DATA" --runs "$RUNS" --image "$image" --seconds $(( $(date +%s) - start ))
