@@ -172,8 +172,11 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, steps: int):
     for none/cosine/step/multistep; onecycle has its own warm-up (`pct_start`)."""
     s = cfg.scheduler
     if s.name == "onecycle":
+        # torch divides by the length of each phase: keep both at least two steps long.
+        total = max(steps, 4)
+        pct_start = min(max(s.pct_start, 2 / total), 1 - 2 / total)
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.optimizer.lr,
-                                                   total_steps=max(steps, 2), pct_start=s.pct_start)
+                                                   total_steps=total, pct_start=pct_start)
     warmup, min_ratio = int(s.warmup_steps), (s.min_lr / cfg.optimizer.lr if cfg.optimizer.lr else 0.0)
     milestones = sorted(s.milestones or [])
 
@@ -368,7 +371,10 @@ def validate(model, data, tokenizer, cfg, rt: Runtime, max_batches: int,
                 images, tgt = images.to(rt.device), tgt.to(rt.device)
                 with rt.autocast():
                     loss = model(images, tgt)
-                    ids = model.generate(images, max_len=cfg.max_seq_len, temperature=0.0,
+                    # An untrained model rarely emits EOS: past twice the reference length a
+                    # prediction cannot score better, so stop there instead of at max_seq_len.
+                    max_len = min(cfg.max_seq_len, 2 * tgt.shape[1] + 8)
+                    ids = model.generate(images, max_len=max_len, temperature=0.0,
                                          beam_width=cfg.val_beam_width)
                 n = target_tokens(tgt, cfg.pad_token)
                 loss_sum += float(loss) * n
