@@ -31,6 +31,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = [(64, 256), (96, 320), (128, 384), (160, 448), (192, 512)]  # (height, width), as the peer
 PEER_VENV = os.environ.get("PEER_VENV", os.path.expanduser("~/.cache/peer-pix2tex"))
 PEER_BENCH = os.path.join(os.path.dirname(REPO), "shared", "peer", "bench_pix2tex.py")
+# 1024x1024 matmul FLOP/s on 2 threads of an idle machine of this kind (../shared/peer/README.md)
+REFERENCE_PEAK = {"bf16": 1.1e12, "fp32": 2.8e11}
 
 
 def log(*a):
@@ -130,18 +132,20 @@ def phase_flops(opts) -> dict:
         model.zero_grad(set_to_none=True)
         per_sample[f"{h}x{w}"] = counter.get_total_flops() / 2
 
-    def matmul_peak(dtype) -> float:
+    def matmul_peak(dtype) -> dict:
+        """Best of 5 runs of 10 matmuls 1024x1024: FLOP per wall-second and per CPU-second."""
         a = torch.randn(1024, 1024, dtype=dtype)
         b = torch.randn(1024, 1024, dtype=dtype)
         for _ in range(5):
             a @ b
-        best = float("inf")
+        wall = cpu = float("inf")
         for _ in range(5):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             for _ in range(10):
                 a @ b
-            best = min(best, (time.perf_counter() - t) / 10)
-        return 2 * 1024 ** 3 / best
+            wall = min(wall, (time.perf_counter() - t) / 10)
+            cpu = min(cpu, (time.process_time() - c) / 10)
+        return {"wall": 2 * 1024 ** 3 / wall, "cpu": 2 * 1024 ** 3 / cpu}
 
     return {"flops_per_sample_fwd_bwd": per_sample,
             "matmul_peak_flops": {"bf16": matmul_peak(torch.bfloat16),
@@ -239,6 +243,48 @@ def sub(opts, phase: str) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def summarize(result: dict, opts) -> None:
+    """Add model FLOP rates, MFU and the ratios to the peer to `result` (in place)."""
+    peer_run = result.get("peer_latex_ocr_0.1.4", {})
+    peer = peer_run.get("samples_per_s")
+    fl = result["flops"]
+    if "error" not in fl:
+        per = fl["flops_per_sample_fwd_bwd"]
+        peaks = fl.pop("matmul_peak_flops")
+        for name in ("fp32", "bf16", "bf16_compile"):
+            r = result.get(name, {"error": "not run"})
+            if "error" in r:
+                continue
+            peak = peaks["fp32" if r["precision"] == "fp32" else "bf16"]
+            # model FLOPs of the timed steps (sizes cycled in order) over their time
+            flops = sum(opts.batch * per[f"{h}x{w}"] for h, w in
+                        (SIZES[i % len(SIZES)] for i in range(len(r["step_s_all"]))))
+            wall = flops / sum(r["step_s_all"])
+            r["achieved_gflop_s"] = round(wall / 1e9, 1)
+            r["mfu_vs_measured_peak"] = round(wall / peak["wall"], 3)
+            # per CPU-second on both sides: what other processes on a shared machine take away
+            # from the step and from the matmul alike cancels out
+            r["mfu_per_cpu_s"] = round(wall / max(r["cpu_util_cores"], 1e-9) / peak["cpu"], 3)
+            r["mfu_vs_readme_peak"] = round(wall / (REFERENCE_PEAK[r["precision"]] * opts.threads / 2), 3)
+            if peer:
+                r["ratio_vs_peer"] = round(r["samples_per_s"] / peer, 2)
+                peer_cpu = peer / max(peer_run["cpu_util_cores"], 1e-9)
+                r["ratio_vs_peer_per_cpu_s"] = round(
+                    r["samples_per_s"] / max(r["cpu_util_cores"], 1e-9) / peer_cpu, 2)
+        fl["matmul_peak_gflop_s"] = {k: {kk: round(vv / 1e9, 1) for kk, vv in v.items()}
+                                     for k, v in peaks.items()}
+        fl["flops_per_sample_fwd_bwd"] = {k: round(v / 1e9, 2) for k, v in per.items()}
+        fl["unit"] = "GFLOP per sample (forward + backward)"
+    best = max((result[n] for n in ("fp32", "bf16", "bf16_compile") if "samples_per_s" in result.get(n, {})),
+               key=lambda r: r["samples_per_s"], default=None)
+    if best and peer:
+        result["best"] = {k: best.get(k) for k in (
+            "precision", "compile", "samples_per_s", "ratio_vs_peer", "ratio_vs_peer_per_cpu_s",
+            "mfu_vs_measured_peak", "mfu_per_cpu_s", "mfu_vs_readme_peak", "peak_rss_mib")}
+        result["best"]["peer_samples_per_s"] = peer
+        result["best"]["peer_peak_rss_mib"] = peer_run.get("peak_rss_mib")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--phase", default="all")
@@ -254,7 +300,8 @@ def main() -> None:
     ap.add_argument("--learning-config", default="settings/config-tiny.yaml")
     ap.add_argument("--learning-samples", type=int, default=2000)
     ap.add_argument("--learning-steps", type=int, default=200)
-    ap.add_argument("--cache", default=os.path.join(REPO, ".cache", "bench"))
+    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "pix2tex-bench"),
+                    help="where the learning check's rendered dataset is kept between runs")
     opts = ap.parse_args()
     opts.passthrough = [a for a in sys.argv[1:] if not a.startswith("--phase")]
     phases = {"fp32": lambda: phase_ours(opts, "fp32"),
@@ -278,34 +325,7 @@ def main() -> None:
         log(f"[{name}]")
         result[name if name != "peer" else "peer_latex_ocr_0.1.4"] = (
             phase_peer(opts) if name == "peer" else sub(opts, name))
-    peer = result.get("peer_latex_ocr_0.1.4", {}).get("samples_per_s")
-    fl = result["flops"]
-    if "error" not in fl:
-        per = fl["flops_per_sample_fwd_bwd"]
-        mean_flops = sum(per.values()) / len(per)  # sizes are cycled evenly in the timed steps
-        for name, peak_key in (("fp32", "fp32"), ("bf16", "bf16"), ("bf16_compile", "bf16")):
-            r = result.get(name, {"error": "not run"})
-            if "error" in r:
-                continue
-            achieved = mean_flops * r["samples_per_s"]
-            r["achieved_gflop_s"] = round(achieved / 1e9, 1)
-            r["mfu_vs_measured_peak"] = round(achieved / fl["matmul_peak_flops"][peak_key], 4)
-            if peer:
-                r["ratio_vs_peer"] = round(r["samples_per_s"] / peer, 2)
-                # per CPU-second: less sensitive to other processes on a shared machine
-                peer_cpu = peer / max(result["peer_latex_ocr_0.1.4"]["cpu_util_cores"], 1e-9)
-                r["ratio_vs_peer_per_cpu_s"] = round(
-                    r["samples_per_s"] / max(r["cpu_util_cores"], 1e-9) / peer_cpu, 2)
-        fl["matmul_peak_gflop_s"] = {k: round(v / 1e9, 1) for k, v in fl.pop("matmul_peak_flops").items()}
-        fl["flops_per_sample_fwd_bwd"] = {k: round(v / 1e9, 2) for k, v in per.items()}
-        fl["unit"] = "GFLOP per sample (forward + backward)"
-    best = max((result[n] for n in ("fp32", "bf16", "bf16_compile") if "samples_per_s" in result.get(n, {})),
-               key=lambda r: r["samples_per_s"], default=None)
-    if best and peer:
-        result["best"] = {"precision": best["precision"], "compile": best["compile"],
-                          "samples_per_s": best["samples_per_s"], "peer_samples_per_s": peer,
-                          "ratio_vs_peer": round(best["samples_per_s"] / peer, 2),
-                          "mfu_vs_measured_peak": best.get("mfu_vs_measured_peak")}
+    summarize(result, opts)
     result["loadavg_end"] = list(os.getloadavg())
     result["wall_s"] = round(time.time() - t0, 1)
     print(json.dumps(result), flush=True)
