@@ -21,7 +21,8 @@ import argparse
 import os
 import re
 import sys
-import tempfile
+
+from pix2tex.fileio import atomic_write_lines
 
 
 class NormalizeError(ValueError):
@@ -840,20 +841,6 @@ def normalize_lines(lines):
     return kept, rejected
 
 
-def _write_atomic(path, lines):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for line in lines:
-                f.write(line + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def main(argv=None):
     from tqdm import tqdm
 
@@ -883,8 +870,8 @@ def main(argv=None):
                 out.append(normalize(line))
             except NormalizeError as e:
                 rejects.append(f"{path}:{i + 1}\t{e}\t{line.strip()}")
-    _write_atomic(args.output, out)
-    _write_atomic(rejects_path, rejects)
+    atomic_write_lines(args.output, out)
+    atomic_write_lines(rejects_path, rejects)
     print(f"normalize: kept {len(out)}, rejected {len(rejects)}, empty {empty} -> {args.output} "
           f"(rejects: {rejects_path})")
 

@@ -33,9 +33,10 @@ import math
 import os
 import random
 import statistics
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, fields
+
+from pix2tex.fileio import atomic_write_lines
 
 
 @dataclass(frozen=True)
@@ -964,25 +965,6 @@ def compare_to_corpus(formulas: list[str], corpus: list[str], top: int = 300,
     }
 
 
-def write_atomic(path: str, lines) -> int:
-    """Write lines to `path` through a temporary file and os.replace; returns the line count."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".synth-", suffix=".tmp", dir=folder)
-    count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for line in lines:
-                f.write(line + "\n")
-                count += 1
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a dataset file is for everyone
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return count
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
@@ -1011,7 +993,7 @@ def main(argv=None):
 
     stream = itertools.islice(iter_formulas(args.seed, cfg, args.unique), args.n)
     try:
-        count = write_atomic(args.output, tqdm(stream, total=args.n, unit="formula",
+        count = atomic_write_lines(args.output, tqdm(stream, total=args.n, unit="formula",
                                                disable=args.n < 10000))
     except (RuntimeError, OSError) as e:
         raise SystemExit(f"error: {e}")

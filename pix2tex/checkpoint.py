@@ -7,10 +7,11 @@ A training checkpoint holds `model`, `optimizer`, `scheduler`, `scaler`, `rng`, 
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import torch
+
+from pix2tex.fileio import atomic_open
 
 
 class CheckpointError(RuntimeError):
@@ -20,20 +21,8 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write `state` to `path` through a temporary file in the same folder and a rename, so a
     crash at any moment leaves either the old file or the new one, never a torn one."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

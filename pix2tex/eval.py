@@ -17,11 +17,11 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Sequence
 
 from pix2tex import metrics as M
+from pix2tex.fileio import atomic_write_text
 
 METRIC_ROWS = ("bleu", "edit_distance", "token_edit_accuracy", "token_accuracy", "exact_match",
                "image_match", "n")
@@ -81,25 +81,11 @@ def evaluate(model, dataset, tokenizer, *, beam_width: int = 1, temperature: flo
 
 # --- files -----------------------------------------------------------------------------------
 
-def _atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_outputs(folder: str, scores: dict, records: Sequence[dict] | None, settings: dict) -> list[str]:
     """`metrics.json` ({settings, metrics}) and, given records, `predictions.tsv`; each written
     atomically. Returns the paths written."""
     paths = [os.path.join(folder, "metrics.json")]
-    _atomic_write_text(paths[0], json.dumps({"settings": settings, "metrics": scores}, indent=2) + "\n")
+    atomic_write_text(paths[0], json.dumps({"settings": settings, "metrics": scores}, indent=2) + "\n")
     if records:
         buf = io.StringIO()
         fields = list(records[0])
@@ -107,7 +93,7 @@ def write_outputs(folder: str, scores: dict, records: Sequence[dict] | None, set
         writer.writeheader()
         writer.writerows(records)
         paths.append(os.path.join(folder, "predictions.tsv"))
-        _atomic_write_text(paths[1], buf.getvalue())
+        atomic_write_text(paths[1], buf.getvalue())
     return paths
 
 

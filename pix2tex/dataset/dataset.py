@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
+
+from pix2tex.fileio import atomic_open
 
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, LatexTokenizer, load_tokenizer
 
@@ -108,22 +109,6 @@ def _read_image(path: str) -> np.ndarray:
             white = Image.new("RGBA", im.size, (255, 255, 255, 255))
             im = Image.alpha_composite(white, im)
         return np.asarray(im.convert("L"))
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pkl", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _rebase(paths: Sequence[str], old_root: str, new_root: str) -> list[str]:
@@ -421,7 +406,8 @@ class Im2LatexDataset:
             "settings": self.settings(),
             "report": asdict(self.report) if self.report else None,
         }
-        _atomic_write(path, pickle.dumps(state, protocol=4))
+        with atomic_open(path, "wb") as f:
+            f.write(pickle.dumps(state, protocol=4))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Im2LatexDataset":

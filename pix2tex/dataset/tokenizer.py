@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from typing import Iterable, Sequence
 
+from pix2tex.fileio import atomic_write_text
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
@@ -92,17 +92,7 @@ class LatexTokenizer:
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer JSON through a temporary file and a rename (never a torn file)."""
         path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.tokenizer.to_str(pretty=True))
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(path, self.tokenizer.to_str(pretty=True))
         self.path = os.path.abspath(path)
 
 
