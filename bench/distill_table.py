@@ -44,6 +44,8 @@ def main() -> None:
     p.add_argument("--teacher-steps", type=int, default=500)
     p.add_argument("--teacher-ckpt", help="use this trained teacher instead of training one")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per student")
+    p.add_argument("--label-batchsize", type=int, default=64,
+                   help="images per beam-search batch when making the pseudo labels")
     p.add_argument("--eval-batches", type=int, help="evaluate on the first N val batches only")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: fastest for these small models on a shared machine)")
@@ -108,7 +110,7 @@ def main() -> None:
         width = load_config(os.path.join(REPO, "settings", "distill", "beamsearch.yaml")).distill.beam_width
         meta = timed("pseudo_labels", lambda: make_pseudo_labels(
             teacher, Im2LatexDataset.load(data["data"]), bs_pkl, beam_width=width,
-            batchsize=tcfg.testbatchsize, min_dimensions=(tcfg.min_width, tcfg.min_height),
+            batchsize=args.label_batchsize, min_dimensions=(tcfg.min_width, tcfg.min_height),
             progress=True))
         log(f"[distill_table] pseudo labels: {json.dumps(meta)}")
 

@@ -35,6 +35,7 @@ from pix2tex.checkpoint import (CheckpointError, check_compatible, load_checkpoi
                                 save_checkpoint)
 from pix2tex.config import ConfigError, load_config, to_dict
 from pix2tex.distill.losses import EmbeddingLoss, hard_loss, match_grid, soft_loss, target_loss
+from pix2tex.fileio import atomic_write_text
 
 WEIGHTS = ("r_target", "r_soft", "r_hard", "r_embedding")
 
@@ -48,6 +49,10 @@ def load_teacher(ckpt_path: str | None, config_path: str | None = None, device="
         raise ConfigError("distill.teacher_ckpt is not set: give the teacher's checkpoint "
                           "(e.g. distill.teacher_ckpt=checkpoints/distill-teacher/best.pth)")
     from pix2tex.models import get_model
+    if not os.path.isfile(ckpt_path):
+        raise CheckpointError(f"teacher checkpoint not found: {ckpt_path} (distill.teacher_ckpt); "
+                              f"train the teacher first, e.g. `python train.py --config "
+                              f"settings/distill/teacher.yaml`")
     ckpt = load_checkpoint(ckpt_path)
     if config_path:
         tcfg = load_config(config_path)
@@ -411,8 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{data_path} ({results['student']['n']} formulas, greedy):")
     print(markdown_table(results, reference="teacher"))
     out = os.path.join(os.path.dirname(result["student_checkpoint"]), "comparison.json")
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump({"data": data_path, "results": results}, f, indent=2)
+    atomic_write_text(out, json.dumps({"data": data_path, "results": results}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -7,8 +7,8 @@ Every sample of the training pkl that fits the teacher is decoded with beam sear
 `distill.beam_width`, default 5), in batches of one image size, in the pkl's plan order. Written:
 
 - `bs.pkl`: the same images; each label is the teacher's best beam, its token ids kept as they are
-  (the formula text is their decoding). Samples whose beam never ended (no EOS within max_seq_len)
-  or ended empty are left out and counted.
+  (the formula text is their decoding). Samples whose beam never ended (no EOS within twice the
+  longest ground-truth label, or --max-len) or ended empty are left out and counted.
 - `bs.lst`: those labels as text, one per line, in the pkl's sample order (the distillation seed's
   `new_BS_data.lst`).
 - `bs.json`: what made it: a digest of the teacher's weights, the source pkl, beam width, counts.
@@ -25,10 +25,11 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 import torch
+
+from pix2tex.fileio import atomic_write_text
 
 
 def model_digest(model: torch.nn.Module) -> str:
@@ -56,20 +57,6 @@ def sidecar_path(out: str) -> str:
 
 def list_path(out: str) -> str:
     return os.path.splitext(out)[0] + ".lst"
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _read_partial(path: str, header: dict, plan: list) -> dict[int, list]:
@@ -100,7 +87,7 @@ def _read_partial(path: str, header: dict, plan: list) -> dict[int, list]:
             done[b] = record["labels"]
         good.append(line)
     if len(good) != sum(1 for line in lines if line):  # drop the torn tail
-        _atomic_write_text(path, "".join(line + "\n" for line in good))
+        atomic_write_text(path, "".join(line + "\n" for line in good))
     return done
 
 
@@ -114,20 +101,25 @@ def labels_of(ids: torch.Tensor, eos: int) -> list:
 
 def make_pseudo_labels(teacher, data, out: str, *, beam_width: int = 5, batchsize: int = 16,
                        length_penalty: float = 1.0, device="cpu", min_dimensions=(32, 32),
-                       progress: bool = False, max_new_batches: int | None = None) -> dict | None:
+                       max_len: int | None = None, progress: bool = False,
+                       max_new_batches: int | None = None) -> dict | None:
     """Decode `data` (an Im2LatexDataset) with the teacher's beam search and write `out` (pkl),
     its .lst and .json (see the module docstring). Returns the .json's content, or None when
     `max_new_batches` stopped the run early (the partial file then holds the progress).
 
     `data` is decoded under the teacher's limits (max_seq_len, max image size); its settings are
-    restored afterwards, and the new pkl keeps them."""
+    restored afterwards, and the new pkl keeps them. `max_len` caps the tokens of a label
+    (default: twice the longest ground-truth label + 8, within max_seq_len): a beam that runs
+    longer is a loop, not a formula, and would hold its whole batch for hundreds of steps."""
     from pix2tex.dataset.dataset import Im2LatexDataset
 
     if beam_width < 1:
         raise ValueError(f"beam_width={beam_width} must be >= 1")
     teacher.to(device).eval()
     settings = data.settings()
-    max_len = teacher.max_seq_len - 1  # label + EOS; BOS + label + EOS then fits max_seq_len
+    if max_len is None:
+        max_len = 2 * max((len(t) for t in data.ids), default=0) + 8
+    max_len = min(max_len, teacher.max_seq_len - 2) + 1  # + EOS; BOS + label + EOS fits max_seq_len
     header = {"teacher": model_digest(teacher), "data": dataset_digest(data), "beam_width": beam_width,
               "batchsize": batchsize, "length_penalty": length_penalty, "max_len": max_len,
               "min_dimensions": list(min_dimensions)}
@@ -139,7 +131,7 @@ def make_pseudo_labels(teacher, data, out: str, *, beam_width: int = 5, batchsiz
         plan = data.batch_plan(0)
         done = _read_partial(partial, header, plan)
         if not done:
-            _atomic_write_text(partial, json.dumps({"header": header}) + "\n")
+            atomic_write_text(partial, json.dumps({"header": header}) + "\n")
         todo = [b for b in range(len(plan)) if b not in done]
         bar = None
         if progress:
@@ -178,13 +170,13 @@ def make_pseudo_labels(teacher, data, out: str, *, beam_width: int = 5, batchsiz
                           [data.widths[i] for i in keep], [data.heights[i] for i in keep], ids,
                           data.tokenizer_path, **settings)
     new.save(out)
-    _atomic_write_text(list_path(out), "".join(f + "\n" for f in formulas))
+    atomic_write_text(list_path(out), "".join(f + "\n" for f in formulas))
     changed = sum(1 for i, f in zip(keep, formulas) if f != data.formulas[i])
     meta = {**header, "source_samples": len(data.formulas), "decoded": len(labels),
             "samples": len(keep), "unfinished": sum(1 for v in labels.values() if v is None),
             "empty": sum(1 for v in labels.values() if v == []),
             "differ_from_ground_truth": changed, "pkl": out, "list": list_path(out)}
-    _atomic_write_text(sidecar_path(out), json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(sidecar_path(out), json.dumps(meta, indent=2) + "\n")
     os.unlink(partial)
     return meta
 
@@ -205,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--beam-width", type=int, help="default: distill.beam_width (5)")
     p.add_argument("--batchsize", type=int, help="images per batch (default: testbatchsize)")
     p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--max-len", type=int, help="longest label in tokens (default: twice the "
+                                               "longest ground-truth label + 8)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: the config's device)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
@@ -232,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         meta = make_pseudo_labels(teacher, data, out, beam_width=args.beam_width or d.beam_width,
                                   batchsize=args.batchsize or cfg.testbatchsize,
                                   length_penalty=args.length_penalty, device=device,
+                                  max_len=args.max_len,
                                   min_dimensions=(tcfg.min_width, tcfg.min_height), progress=True)
     except (ConfigError, CheckpointError, DatasetError, TokenizerError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
