@@ -8,10 +8,15 @@ settings/config.yaml) and decode one 192x512 image (batch 1, and batch 16 of it)
 step). Also batch 1 for --long-tokens tokens, where the peer's cost per step grows with the prefix
 (no KV cache) and ours does not.
 
-Reported per case: encoder ms, decode ms and ms per token, total, peak RSS (each case in its own
-process). Ours runs in the model's inference precision (--precision, default auto = bf16 on this
-AMX CPU) and, for comparison, float32. The decode step is set against its floor: bytes the step
-must read (decoder weights, plus the KV caches) / memory bandwidth measured in this run.
+Reported per case: encoder ms, decode ms and ms per token (and per step, first and last 10),
+total, RSS (each case in its own process). Ours runs in the model's inference precision
+(--precision, default auto: on this AMX CPU int8 decoder linears with a bf16 encoder and caches)
+and, for comparison, float32. The decode step is set against its floor: bytes the step must read
+(decoder weights, plus the KV caches) / memory read bandwidth measured in this run.
+
+Both sides use --threads intra-op threads. On a machine shared with other processes, two threads
+make every small op of a decode step wait at an OpenMP barrier for a core someone else holds:
+use --threads 1 there (steadier for both sides; compare the ratios within one run).
 
     .venv/bin/python bench/generate.py [--threads 2] [--tokens 100] [--long-tokens 300] [--no-peer]
 
@@ -45,21 +50,46 @@ def peak_rss_mib() -> float:
 
 # --- one case, in its own process ---------------------------------------------------------------
 
+def rss_now_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024.0
+
+
 def run_case(opts) -> dict:
     import torch
     sys.path.insert(0, REPO)
     from pix2tex.config import load_config
     from pix2tex.models import get_model
-    from pix2tex.models.model import resolve_precision
+    from pix2tex.models.model import encoder_dtype, resolve_precision
 
+    rss_import = rss_now_mib()
     torch.set_num_threads(opts.threads)
     cfg = load_config(os.path.join(REPO, opts.config), [f"compile={opts.compile}"])
     torch.manual_seed(0)
     model = get_model(cfg).eval()
+    rss_built = rss_now_mib()
     images = torch.randn(opts.batch, 1, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(1))
     precision = resolve_precision(opts.precision, images.device)
 
+    # time each decoder step (the peer's bench times its steps the same way)
+    step_times = []
+    start = model.decoder.start
+
+    def timed_start(*args, **kwargs):
+        state = start(*args, **kwargs)
+        step = state.step
+
+        def timed_step(tokens):
+            t = time.perf_counter()
+            logits = step(tokens)
+            step_times.append(time.perf_counter() - t)
+            return logits
+        state.step = timed_step
+        return state
+    model.decoder.start = timed_start
+
     def once(tokens):
+        step_times.clear()
         t0 = time.perf_counter()
         memory = model.encode_for_inference(images, precision)
         t1 = time.perf_counter()
@@ -70,11 +100,13 @@ def run_case(opts) -> dict:
 
     for _ in range(opts.warmup):
         once(10)
-    encs, decs = [], []
+    encs, decs, first10, last10 = [], [], [], []
     for r in range(opts.reps):
         e, d = once(opts.tokens)
         encs.append(e)
         decs.append(d)
+        first10.append(statistics.mean(step_times[:10]))
+        last10.append(statistics.mean(step_times[-10:]))
         log(f"  ours b{opts.batch} {opts.precision}: encoder {e * 1e3:.1f} ms, "
             f"decode {opts.tokens} tok {d * 1e3:.1f} ms")
     e, d = statistics.median(encs), statistics.median(decs)
@@ -84,20 +116,31 @@ def run_case(opts) -> dict:
         "encoder_ms": round(e * 1e3, 2), "decode_ms": round(d * 1e3, 2),
         "total_ms": round((e + d) * 1e3, 2),
         "ms_per_token_decode": round(d * 1e3 / opts.tokens, 3),
+        "ms_per_step_first10": round(statistics.median(first10) * 1e3, 3),
+        "ms_per_step_last10": round(statistics.median(last10) * 1e3, 3),
         "tokens_per_s_all_sequences": round(opts.batch * opts.tokens / (e + d), 1),
         "all_total_ms": [round((a + b) * 1e3, 1) for a, b in zip(encs, decs)],
+        "rss_after_imports_mib": round(rss_import, 1),  # torch (a CUDA build here), timm, ...
+        "rss_after_build_mib": round(rss_built, 1),
         "peak_rss_mib": round(peak_rss_mib(), 1),
-        "step_bytes": step_bytes(model.decoder._weights("fp32"), precision, opts.batch, opts.tokens),
+        "params": {"total": count(model), "encoder": count(model.encoder),
+                   "decoder": count(model.decoder)},
+        "step_bytes": step_bytes(model.decoder._weights("fp32"), precision,
+                                 encoder_dtype(precision).itemsize, opts.batch, opts.tokens),
     }
 
 
-def step_bytes(weights: dict, precision: str, batch: int, tokens: int) -> dict:
+def count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def step_bytes(weights: dict, precision: str, cache_size: int, batch: int, tokens: int) -> dict:
     """Bytes one decode step reads: the decoder weights it multiplies by (one row of the token and
     position tables; not the cross-attention key/value projections, which run once per image) and
     the KV caches (cross: the encoder grid; self: the prefix, averaged over the tokens).
-    `weights` is the float32 layout; int8 counts a byte per weight (its scales are negligible)."""
+    `weights` is the float32 layout; int8 counts a byte per weight (its scales are negligible);
+    cache_size: bytes per KV-cache element."""
     weight_size = {"fp32": 4, "bf16": 2, "int8": 1}[precision]
-    act_size = 2 if precision == "bf16" else 4  # activations and KV caches
 
     def numel(*tensors):
         return sum(t.numel() for t in tensors if t is not None)
@@ -113,8 +156,8 @@ def step_bytes(weights: dict, precision: str, batch: int, tokens: int) -> dict:
             cross += 2 * batch * cells * blk["w_q"].shape[0]
         elif blk["kind"] == "a":
             self_kv += 2 * batch * (tokens / 2) * blk["w_qkv"].shape[0] // 3
-    return {"weights": int(n * weight_size), "cross_kv": int(cross * act_size),
-            "self_kv_mean": int(self_kv * act_size)}
+    return {"weights": int(n * weight_size), "cross_kv": int(cross * cache_size),
+            "self_kv_mean": int(self_kv * cache_size)}
 
 
 def run_bandwidth(opts) -> dict:
@@ -193,16 +236,18 @@ def main():
               "threads": opts.threads, "image_hw": [HEIGHT, WIDTH], "nproc": os.cpu_count(),
               "loadavg_start": list(os.getloadavg()),
               "note": "forced token counts (no EOS); ours greedy with KV cache, peer samples "
-                      "without a cache; random weights"}
+                      "without a cache; random weights; ratios = peer / ours"}
     result["bandwidth"] = subprocess_json([sys.executable, os.path.abspath(__file__), "--bandwidth",
                                            "--threads", str(opts.threads)])
     cases = {"b1": (1, opts.tokens), "b16": (16, opts.tokens), "b1_long": (1, opts.long_tokens)}
     result["ours"] = {name: ours(opts, b, n, opts.precision) for name, (b, n) in cases.items()}
+    result["ours_params"] = result["ours"]["b1"].get("params")
     if not opts.no_fp32:
         result["ours_fp32"] = {name: ours(opts, b, n, "fp32") for name, (b, n) in cases.items()}
     if opts.no_peer:
         result["peer"] = None
-    elif not os.path.isfile(os.path.join(PEER_VENV, "bin", "python")) or not os.path.isfile(PEER_BENCH):
+    elif not (os.path.isfile(os.path.join(PEER_VENV, "bin", "python"))
+              and os.path.isfile(PEER_BENCH)):
         result["peer"] = None
         result["peer_message"] = (f"peer venv {PEER_VENV} or {PEER_BENCH} missing: build it with "
                                   f"bash ../shared/peer/setup_venv.sh (or set PEER_VENV)")
@@ -231,7 +276,8 @@ def main():
             sb = case["step_bytes"]
             w_ms = sb["weights"] / (bw * 1e9) * 1e3
             all_ms = (sb["weights"] + sb["cross_kv"] + sb["self_kv_mean"]) / (bw * 1e9) * 1e3
-            floors[name] = {"floor_ms_weights": round(w_ms, 3), "floor_ms_weights_and_kv": round(all_ms, 3),
+            floors[name] = {"floor_ms_weights": round(w_ms, 3),
+                            "floor_ms_weights_and_kv": round(all_ms, 3),
                             "measured_ms_per_step": case["ms_per_token_decode"],
                             "measured_over_floor": round(case["ms_per_token_decode"] / all_ms, 2)}
     result["decode_step_floor"] = floors

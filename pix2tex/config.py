@@ -54,7 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "precision": "auto",  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     "compile": False,  # torch.compile the model
-    "inference_precision": "auto",  # generate(): auto (bf16 on CUDA and AMX/AVX512-BF16 CPUs) | fp32 | bf16
+    "inference_precision": "auto",  # generate(): auto | fp32 | bf16 | int8 (models/model.py resolve_precision)
     "epochs": 10,
     "max_steps": 0,  # stop after this many optimizer steps (0: no limit)
     "batchsize": 10,  # samples per optimizer step (global, over all DDP ranks)

@@ -208,7 +208,8 @@ def test_lean_step_logits_match_x_transformers_forward():
         k_past, v_past = ck.new_zeros(La, B, H, 0, d), ck.new_zeros(La, B, H, 0, d)
         for t in range(tgt.shape[1]):
             a, _, _ = dec.decode_step(tgt[:, t], t, ck, cv, k_buf, v_buf, w, inplace=True)
-            b, k_new, v_new = dec.decode_step(tgt[:, t], t, ck, cv, k_past, v_past, w, inplace=False)
+            b, k_new, v_new = dec.decode_step(tgt[:, t], t, ck, cv, k_past, v_past, w,
+                                              inplace=False)
             k_past, v_past = torch.cat([k_past, k_new], 3), torch.cat([v_past, v_new], 3)
             torch.testing.assert_close(a, ref[:, t], atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(b, a)
@@ -262,7 +263,8 @@ def test_beam_search_finds_higher_scores_than_greedy():
 
 def test_sampling_filters():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
-    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True, True]]
+    dropped = torch.isinf(filter_logits(logits, top_k=2))
+    assert dropped.tolist() == [[False, False, True, True, True]]
     probs = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, ...
     kept = ~torch.isinf(filter_logits(logits, top_p=0.8))
     assert kept.tolist() == [[True, True, False, False, False]] and probs[0] < 0.8

@@ -5,8 +5,8 @@
 
 Generation runs one token at a time. x-transformers has its own cached path (`cache=`), but on a
 CPU its per-step Python work costs more than the arithmetic at batch 1, so `decode_step` re-reads
-the same weights in a short sequence of tensor ops (pre-norm blocks: self-attention, cross-attention,
-feed-forward) with the cache as explicit tensors:
+the same weights in a short sequence of tensor ops (pre-norm blocks: self-attention,
+cross-attention, feed-forward) with the cache as explicit tensors:
 
     decode_step(tokens [B], pos, cross_k, cross_v, self_k, self_v) -> (logits [B, V], k_new, v_new)
 
@@ -20,8 +20,9 @@ uncached forward.
 
 A step at small batch reads every decoder weight once and does little arithmetic with it, so its
 floor is the weight bytes over the memory bandwidth. `_weights(precision)` lays the weights out in
-fp32, bf16 (weights, activations and caches), or int8 (dynamic quantization: per-channel int8
-weights, float32 activations; caches and attention in `cache_dtype`, bf16 where that is fast).
+fp32, bf16 (weights, matmul inputs and caches; the residual stream stays float32), or int8
+(dynamic quantization: per-channel int8 weights, float32 activations; caches and attention in
+`cache_dtype`, bf16 where that is fast).
 """
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ class LatexDecoder(nn.Module):
             num_tokens=num_tokens, max_seq_len=max_seq_len, emb_dropout=emb_dropout,
             attn_layers=Decoder(dim=dim, depth=depth, heads=heads, **args))
         self.max_seq_len = max_seq_len
+        self._prepared = None  # (key, weights) of the last step_weights() call
         self.lean = lean_supported(args)
         if self.lean:
             self._check_lean_structure()
@@ -118,7 +120,8 @@ class LatexDecoder(nn.Module):
             if kind in "ac":
                 ok = ok and isinstance(block, Attention) and block.num_mem_kv == 0 and \
                     block.kv_heads == block.heads and not block.qk_norm and \
-                    block.to_v_gate is None and block.to_v_head_gate is None and not block.head_scale
+                    block.to_v_gate is None and block.to_v_head_gate is None and \
+                    not block.head_scale
             else:
                 ok = ok and isinstance(block, FeedForward)
         self.lean = bool(ok)
@@ -126,10 +129,11 @@ class LatexDecoder(nn.Module):
     def _weights(self, precision: str | torch.dtype = "fp32",
                  cache_dtype: torch.dtype | None = None) -> dict:
         """The decoder's weights in the layout decode_step reads (q/k/v of each self-attention
-        concatenated into one matmul). precision: fp32 | bf16 (weights and activations; or the
-        torch dtype) | int8 (linear weights quantized per output channel and packed, float32
-        activations: dynamic quantization). cache_dtype: of the KV caches and the attention
-        (default: the activations'). Built per generate() call: a few MB."""
+        concatenated into one matmul). precision (or a torch dtype): fp32 | bf16 (matmul weights
+        and inputs; the residual stream and layer norms stay float32) | int8 (linear weights
+        quantized per output channel and packed, float32 inputs: dynamic quantization).
+        cache_dtype: of the KV caches and attention (default: the matmuls'). A few MB;
+        `step_weights` keeps them while the parameters are unchanged."""
         net, layers = self.net, self.net.attn_layers
         precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(precision, precision)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -142,8 +146,8 @@ class LatexDecoder(nn.Module):
                 return cast(w), cast(b)
             return quantize_int8(w.detach(), None if b is None else b.detach()), None
 
-        def norm_gamma(norm):
-            return cast(norm.gamma + float(norm.unit_offset))
+        def norm_gamma(norm):  # float32, as the residual stream
+            return (norm.gamma + float(norm.unit_offset)).detach().float()
 
         blocks = []
         for (norms, block, _), kind in zip(layers.layers, layers.layer_types):
@@ -171,10 +175,19 @@ class LatexDecoder(nn.Module):
         w_logits, b_logits = linear(net.to_logits.weight, net.to_logits.bias)
         return {"blocks": blocks, "dtype": dtype, "precision": precision,
                 "cache_dtype": cache_dtype or dtype,
-                "tok": cast(net.token_emb.emb.weight),
-                "pos": cast(net.pos_emb.emb.weight * net.pos_emb.scale),
+                "tok": net.token_emb.emb.weight.detach().float(),
+                "pos": (net.pos_emb.emb.weight * net.pos_emb.scale).detach().float(),
                 "final_gamma": norm_gamma(layers.final_norm),
                 "w_logits": w_logits, "b_logits": b_logits}
+
+    def step_weights(self, precision: str = "fp32", cache_dtype: torch.dtype | None = None) -> dict:
+        """`_weights`, kept between calls while the parameters are unchanged (int8 packing takes
+        ~0.1 s; generation calls this once per batch)."""
+        key = (precision, cache_dtype,
+               tuple((p.data_ptr(), p._version, p.device) for p in self.parameters()))
+        if self._prepared is None or self._prepared[0] != key:
+            self._prepared = (key, self._weights(precision, cache_dtype))
+        return self._prepared[1]
 
     def cross_kv(self, memory: torch.Tensor, weights: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """memory [B, N, dim] -> cross-attention keys and values, each [Lc, B, H, N, d]."""
@@ -202,12 +215,12 @@ class LatexDecoder(nn.Module):
         Returns logits [B, V] for position pos+1 and this position's keys/values [La, B, H, 1, d].
         """
         B = tokens.shape[0]
-        x = (weights["tok"][tokens] + weights["pos"][pos])[:, None, :]  # [B, 1, dim]
-        dim = x.shape[-1]
+        x = (weights["tok"][tokens] + weights["pos"][pos])[:, None, :]  # [B, 1, dim] float32
+        dim, mm = x.shape[-1], weights["dtype"]  # matmul inputs in `mm`; the residual in float32
         a = c = 0
         new_k, new_v = [], []
         for blk in weights["blocks"]:
-            h = F.layer_norm(x, (dim,), blk["gamma"])
+            h = F.layer_norm(x, (dim,), blk["gamma"]).to(mm)
             kind = blk["kind"]
             if kind == "a":
                 H = blk["heads"]
@@ -229,7 +242,7 @@ class LatexDecoder(nn.Module):
                 out = F.scaled_dot_product_attention(q.to(cross_k.dtype), cross_k[c], cross_v[c])
                 c += 1
             if kind in "ac":
-                out = out.transpose(1, 2).reshape(B, 1, -1).to(x.dtype)
+                out = out.transpose(1, 2).reshape(B, 1, -1).to(mm)
                 out = _linear(out, blk["w_out"])
                 if blk["glu"]:
                     out = F.glu(out, dim=-1)
@@ -241,8 +254,8 @@ class LatexDecoder(nn.Module):
                 else:
                     out = blk["act"](out)
                 out = _linear(out, blk["w_ff_out"], blk["b_ff_out"])
-            x = x + out
-        x = F.layer_norm(x, (dim,), weights["final_gamma"])
+            x = x + out  # float32 + bf16 -> float32
+        x = F.layer_norm(x, (dim,), weights["final_gamma"]).to(mm)
         logits = _linear(x[:, 0], weights["w_logits"], weights["b_logits"])
         return logits, torch.stack(new_k), torch.stack(new_v)
 
@@ -256,11 +269,11 @@ class LatexDecoder(nn.Module):
 
 
 class LeanState:
-    """Preallocated KV cache + decode_step. step(tokens) -> float logits; select(rows) keeps rows."""
+    """Preallocated KV cache + decode_step: step(tokens) -> float logits; select(rows)."""
 
     def __init__(self, decoder: LatexDecoder, memory: torch.Tensor, max_len: int, beams: int,
                  precision: str, cache_dtype: torch.dtype | None = None):
-        self.decoder, self.weights = decoder, decoder._weights(precision, cache_dtype)
+        self.decoder, self.weights = decoder, decoder.step_weights(precision, cache_dtype)
         self.cross_k, self.cross_v = decoder.cross_kv(memory, self.weights)
         if beams > 1:  # the encoder and the cross keys/values ran once per image
             self.cross_k = self.cross_k.repeat_interleave(beams, dim=1)

@@ -5,10 +5,10 @@
     logits = model.logits(images, tgt_in)          # [B, T, V]; memory=... skips the encoder
     ids = model.generate(images, beam_width=5)     # [B, L] without BOS, EOS then PAD
 
-Generation runs the encoder once per image, then the decoder's KV-cached step. Inference (generate)
-can run in bfloat16 (`inference_precision`): the encoder through a frozen copy (weight
-standardization folded into the conv weights, bf16, channels-last), the decoder step on bf16
-weights. The training forward is always the plain float32 modules.
+Generation runs the encoder once per image, then the decoder's KV-cached step. Inference
+(`inference_precision`) runs the encoder through a frozen copy (weight standardization folded into
+the conv weights, channels-last, bf16 or fp32) and the decoder step on fp32, bf16 or int8 weights.
+The training forward is always the plain modules.
 """
 from __future__ import annotations
 
@@ -37,10 +37,14 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto -> bf16 on CUDA and on CPUs with fast bf16 matmuls, else fp32."""
+    """auto -> bf16 on CUDA; int8 on CPUs with AMX / AVX512-BF16 (which also have int8 dot
+    products): int8 decoder linears, bf16 encoder and caches; fp32 elsewhere. The check that
+    this keeps a trained model's greedy outputs: bench/inference_precision.py."""
     if precision == "auto":
-        fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
-        precision = "bf16" if fast else "fp32"
+        if device.type == "cuda":
+            precision = "bf16"
+        else:
+            precision = "int8" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"inference_precision must be auto, {', '.join(PRECISIONS)}; "
                          f"got {precision!r}")
@@ -86,7 +90,8 @@ class Model(nn.Module):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.pad, self.bos, self.eos = cfg.pad_token, cfg.bos_token, cfg.eos_token
-        self.max_height, self.max_width, self.patch_size = cfg.max_height, cfg.max_width, cfg.patch_size
+        self.max_height, self.max_width = cfg.max_height, cfg.max_width
+        self.patch_size = cfg.patch_size
         self.max_seq_len = cfg.max_seq_len
         self.inference_precision = cfg.get("inference_precision", "fp32")
         self.compile_inference = bool(cfg.get("compile", False))
@@ -98,16 +103,19 @@ class Model(nn.Module):
             raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
         H, W = images.shape[-2:]
         if H > self.max_height or W > self.max_width or H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"image size {H}x{W} must be multiples of patch_size={self.patch_size} "
-                             f"and at most max_height x max_width = {self.max_height}x{self.max_width}")
+            raise ValueError(f"image size {H}x{W} must be multiples of patch_size="
+                             f"{self.patch_size} and at most max_height x max_width = "
+                             f"{self.max_height}x{self.max_width}")
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, C, H, W] -> memory [B, N, dim]."""
         self.check_images(images)
         return self.encoder(images)
 
-    def decode_logits(self, memory: torch.Tensor, tgt_in: torch.Tensor, return_hidden: bool = False):
-        """Teacher-forced logits [B, T, V] from precomputed memory (a teacher's encoder runs once)."""
+    def decode_logits(self, memory: torch.Tensor, tgt_in: torch.Tensor,
+                      return_hidden: bool = False):
+        """Teacher-forced logits [B, T, V] from precomputed memory (a teacher's encoder runs
+        once)."""
         out = self.decoder(tgt_in, memory, return_hidden=return_hidden)
         if return_hidden:
             logits, hidden = out
@@ -148,15 +156,19 @@ class Model(nn.Module):
             frozen = frozen.to(dtype=dtype, memory_format=torch.channels_last)
             frozen.requires_grad_(False)
             if self.compile_inference:
-                frozen = torch.compile(frozen, dynamic=True)
+                # static shapes: each image size compiles once (tens of seconds on a CPU; dynamic
+                # shapes compiled far slower here), past torch's recompile limit it runs eagerly
+                frozen = torch.compile(frozen, dynamic=False)
             self._frozen_encoder = (key, frozen)
         return self._frozen_encoder[1]
 
     @torch.inference_mode()
-    def encode_for_inference(self, images: torch.Tensor, precision: str | None = None) -> torch.Tensor:
+    def encode_for_inference(self, images: torch.Tensor,
+                             precision: str | None = None) -> torch.Tensor:
         """Encoder output [B, N, dim] (float32) through the frozen inference copy."""
         self.check_images(images)
-        dtype = encoder_dtype(resolve_precision(precision or self.inference_precision, images.device))
+        precision = resolve_precision(precision or self.inference_precision, images.device)
+        dtype = encoder_dtype(precision)
         x = images.to(dtype).contiguous(memory_format=torch.channels_last)
         return self._inference_encoder(dtype)(x).float()
 
@@ -164,7 +176,8 @@ class Model(nn.Module):
     def generate(self, images: torch.Tensor | None = None, max_len: int | None = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, beam_width: int = 1,
                  length_penalty: float = 1.0, memory: torch.Tensor | None = None, min_len: int = 0,
-                 precision: str | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 precision: str | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Token ids [B, L] without BOS; each row ends at its EOS, PAD after it.
 
         temperature 0: greedy; >0: sampling (with top_k / top_p filtering). beam_width > 1: beam

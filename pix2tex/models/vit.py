@@ -25,7 +25,8 @@ class GridViT(VisionTransformer):
         # accepts any image size (not only max_height x max_width).
         super().__init__(img_size=(max_height, max_width), patch_size=patch_size, in_chans=in_chans,
                          num_classes=0, global_pool='', embed_dim=embed_dim, depth=depth,
-                         num_heads=num_heads, dynamic_img_size=True, embed_layer=embed_layer, **kwargs)
+                         num_heads=num_heads, dynamic_img_size=True, embed_layer=embed_layer,
+                         **kwargs)
         self.max_height, self.max_width = max_height, max_width
         self.grid_h, self.grid_w = self.patch_embed.grid_size
 
