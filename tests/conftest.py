@@ -103,3 +103,14 @@ def tiny_model(tiny_data, tmp_path_factory) -> TinyModel:
     return TinyModel(checkpoint=Path(summary["run_dir"]) / "last.pth",
                      images=tuple(sorted((root / "images").glob("*.png"))), formulas=tuple(formulas),
                      data=tiny_data)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_torch_threads():
+    """Modules that run tiny models on one thread (LatexOCR(threads=1) sets it for the whole
+    process) must not leave it so for the modules after them."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -16,14 +16,6 @@ from pix2tex.predict import LatexOCR, main as predict_main
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and then do not suffer from a busy machine)."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # LatexOCR(threads=1) below set it for the whole process
-
-
 @pytest.fixture(scope="module")
 def formulas(tiny_model):
     """Rendered formulas: the 8 the model memorized and the validation ones it has never seen."""

@@ -18,14 +18,6 @@ from pix2tex.preprocess import ImageError
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and then do not suffer from a busy machine)."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # LatexOCR(threads=1) below set it for the whole process
-
-
 @pytest.fixture(scope="module")
 def ocr(tiny_model):
     return LatexOCR(checkpoint=tiny_model.checkpoint, device="cpu", threads=1)
