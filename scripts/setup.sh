@@ -4,35 +4,30 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TEX_PACKAGES="texlive-latex-base texlive-latex-recommended texlive-fonts-recommended dvipng preview-latex-style"
-have_tex() {
-  command -v latex >/dev/null && command -v dvipng >/dev/null && kpsewhich preview.sty >/dev/null 2>&1
+# apt_install WHAT "PACKAGES" error|warning: install Debian packages when root, else print the
+# exact command (and stop, for an error).
+apt_install() {
+  local what=$1 packages=$2 severity=$3
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing $what from Debian: $packages"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y --no-install-recommends $packages >/dev/null \
+      || { apt-get update >/dev/null && apt-get install -y --no-install-recommends $packages >/dev/null; }
+  else
+    echo "$severity: $what is needed. Install it with:" >&2
+    echo "  sudo apt-get install -y --no-install-recommends $packages" >&2
+    [ "$severity" != error ] || exit 1
+  fi
 }
-if ! have_tex; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "[setup] installing TeX from Debian: $TEX_PACKAGES"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y --no-install-recommends $TEX_PACKAGES >/dev/null \
-      || { apt-get update >/dev/null && apt-get install -y --no-install-recommends $TEX_PACKAGES >/dev/null; }
-  else
-    echo "error: latex, dvipng and preview.sty are needed to render formulas. Install them with:" >&2
-    echo "  sudo apt-get install -y --no-install-recommends $TEX_PACKAGES" >&2
-    exit 1
-  fi
-fi
 
+# latex, dvipng and preview.sty render formulas.
+if ! { command -v latex >/dev/null && command -v dvipng >/dev/null && kpsewhich preview.sty >/dev/null 2>&1; }; then
+  apt_install "TeX (latex, dvipng, preview.sty)" \
+    "texlive-latex-base texlive-latex-recommended texlive-fonts-recommended dvipng preview-latex-style" error
+fi
 # Headless Chromium and its driver: the browser test of the service's page (tests/test_serve.py).
-BROWSER_PACKAGES="chromium chromium-driver"
 if ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "[setup] installing headless Chromium from Debian: $BROWSER_PACKAGES"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y --no-install-recommends $BROWSER_PACKAGES >/dev/null \
-      || { apt-get update >/dev/null && apt-get install -y --no-install-recommends $BROWSER_PACKAGES >/dev/null; }
-  else
-    echo "warning: the page test (tests/test_serve.py) needs headless Chromium. Install it with:" >&2
-    echo "  sudo apt-get install -y --no-install-recommends $BROWSER_PACKAGES" >&2
-  fi
+  apt_install "headless Chromium (for tests/test_serve.py's page test)" "chromium chromium-driver" warning
 fi
 
 PY=${PYTHON:-python3}
