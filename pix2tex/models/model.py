@@ -150,7 +150,11 @@ class Model(nn.Module):
     def _inference_encoder(self, dtype: torch.dtype) -> nn.Module:
         """A frozen copy of the encoder for `dtype`, rebuilt whenever the weights change."""
         params = list(self.encoder.parameters()) + list(self.encoder.buffers())
-        key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
+        # Fused optimizers update weights in place without bumping `_version`: the per-tensor
+        # norms (one foreach call) tell such an update apart as well.
+        floats = [p.detach() for p in params if p.is_floating_point()]
+        norms = torch.stack(torch._foreach_norm(floats)).tolist() if floats else []
+        key = (dtype, tuple((p.data_ptr(), p._version) for p in params), tuple(norms))
         if self._frozen_encoder is None or self._frozen_encoder[0] != key:
             frozen = fold_weight_standardization(copy.deepcopy(self.encoder)).eval()
             frozen = frozen.to(dtype=dtype, memory_format=torch.channels_last)
