@@ -515,7 +515,7 @@ def _dvipng(jobs: list[_Job], workdir: str, timeout: float, t: dict) -> dict[int
                                  if "warning" in x or "error" in x]
                     made[j.index] = "!dvipng " + (lines[-1] if lines else "timed out" if rc is None
                                                   else f"drew no image (exit {rc})")
-            if all(j.index in made for j in part):
+            if all(j.index in made for j in group):
                 break
     return made
 

@@ -85,6 +85,17 @@ def test_bad_formulas_rejected_with_index_and_neighbours_render(tmp_path):
     assert formula == formulas[int(index)]
 
 
+def test_several_pages_dvipng_cannot_draw_in_one_batch(tmp_path):
+    """Computer Modern has no glyph for \\textcircled's circle or \\copyright: dvipng --picky
+    draws neither page. Each one gets its own reject and the pages around them render (a batch
+    with two such pages used to stop the whole render with a KeyError)."""
+    bad = [r"\textcircled { a } ^ { 2 }", r"{ \large { \copyright _ { 2 } } }"]
+    res = render_formulas(GOOD + bad + GOOD, tmp_path / "img", **ONE_STYLE)
+    assert set(res.rejected) == {len(GOOD), len(GOOD) + 1}
+    assert all("unable to draw glyph" in why for why in res.rejected.values())
+    assert set(res.rendered) == set(range(2 * len(GOOD) + 2)) - set(res.rejected)
+
+
 def test_errors_that_break_tex_state_do_not_change_neighbours(tmp_path):
     # an unclosed environment, an unclosed \left, a runaway argument, an extra brace: each one
     # is rejected, and every formula after it looks exactly as it does when drawn alone
