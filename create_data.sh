@@ -10,6 +10,9 @@ usage() {
 usage: ./create_data.sh [options]
   (no options)          synthetic formulas from dataset_tools/synth.py into data/default
   --formulas FILE...    build from these formula files instead (raw or normalized; normalized first)
+  --test-formulas FILE  held-out test split from this file (normalized first) instead of a share of
+                        the formulas; its formulas are removed from train/val (--split's third
+                        fraction is then ignored)
   --out DIR             output folder (default: data/default in the repo)
   --num N               number of synthetic formulas (default 10000)
   --mean-tokens M       synthetic: mean formula length in LaTeX tokens (default 24)
@@ -28,12 +31,13 @@ EOF
 
 OUT="$REPO/data/default"; NUM=10000; MEAN_TOKENS=24; MAX_TOKENS=60; SPLIT=0.9,0.05,0.05
 DPI=(100 130); FONTS=""; VOCAB=8000; WORKERS=$(nproc 2>/dev/null || echo 2); SEED=0; MAX_SEQ_LEN=512
-FILES=()
+FILES=(); TEST_FILE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --formulas) shift; while [ $# -gt 0 ] && [[ "$1" != --* ]]; do FILES+=("$(realpath -m "$1")"); shift; done
                 [ ${#FILES[@]} -gt 0 ] || { echo "error: --formulas needs at least one file" >&2; exit 2; }
                 continue ;;
+    --test-formulas) TEST_FILE="$(realpath -m "$2")"; shift ;;
     --out) OUT="$(realpath -m "$2")"; shift ;;
     --num) NUM=$2; shift ;;
     --mean-tokens) MEAN_TOKENS=$2; shift ;;
@@ -50,7 +54,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-for f in "${FILES[@]}"; do [ -f "$f" ] || { echo "error: formula file not found: $f" >&2; exit 2; }; done
+for f in "${FILES[@]}" ${TEST_FILE:+"$TEST_FILE"}; do [ -f "$f" ] || { echo "error: formula file not found: $f" >&2; exit 2; }; done
 
 cd "$REPO"
 PY=${PYTHON:-}
@@ -86,25 +90,46 @@ else
     --mean-tokens "$MEAN_TOKENS" --max-tokens "$MAX_TOKENS"
 fi
 
-# Deduplicate, shuffle with the seed, cut into train/val/test.
+# Deduplicate, shuffle with the seed, cut into train/val/test. With a held-out file its formulas
+# are the test split and none of them is trained or validated on.
 SPLIT_PY='
 import os, random, sys
-src, out, fractions, seed = sys.argv[1:]
-with open(src, encoding="utf-8") as f:
-    formulas = [x for x in dict.fromkeys(" ".join(line.split()) for line in f) if x]
+src, out, fractions, seed = sys.argv[1:5]
+def read(path):
+    with open(path, encoding="utf-8") as f:
+        return [x for x in dict.fromkeys(" ".join(line.split()) for line in f) if x]
+formulas = read(src)
 fr = [float(x) for x in fractions.split(",")]
 if len(fr) != 3 or min(fr) < 0 or sum(fr) <= 0:
     sys.exit(f"error: --split needs three fractions such as 0.9,0.05,0.05, got {fractions}")
 random.Random(int(seed)).shuffle(formulas)
-a = round(len(formulas) * fr[0] / sum(fr))
-b = a + round(len(formulas) * fr[1] / sum(fr))
-for name, part in zip(("train", "val", "test"), (formulas[:a], formulas[a:b], formulas[b:])):
+if len(sys.argv) > 5:
+    test = read(sys.argv[5])
+    if fr[0] + fr[1] <= 0:
+        sys.exit(f"error: --split {fractions} leaves nothing for train/val besides --test-formulas")
+    held_out = set(test)
+    kept = [x for x in formulas if x not in held_out]
+    print(f"held out {len(test)} test formulas; {len(formulas) - len(kept)} of them removed from train/val")
+    a = round(len(kept) * fr[0] / (fr[0] + fr[1]))
+    parts = (kept[:a], kept[a:], test)
+else:
+    a = round(len(formulas) * fr[0] / sum(fr))
+    b = a + round(len(formulas) * fr[1] / sum(fr))
+    parts = (formulas[:a], formulas[a:b], formulas[b:])
+for name, part in zip(("train", "val", "test"), parts):
     with open(f"{out}/{name}.txt.tmp", "w", encoding="utf-8") as f:
         f.writelines(x + "\n" for x in part)
     os.replace(f"{out}/{name}.txt.tmp", f"{out}/{name}.txt")
     print(f"{name}: {len(part)} formulas")
 '
-step split "$OUT/test.txt" "$OUT/all.txt" -- "$PY" -c "$SPLIT_PY" "$OUT/all.txt" "$OUT" "$SPLIT" "$SEED"
+if [ -n "$TEST_FILE" ]; then
+  step test_formulas "$OUT/held_out.txt" "$TEST_FILE" -- "$PY" -m dataset_tools.normalize "$TEST_FILE" \
+    -o "$OUT/held_out.txt" --rejects "$OUT/rejects_normalize_test.txt"
+  step split "$OUT/test.txt" "$OUT/all.txt" "$OUT/held_out.txt" -- "$PY" -c "$SPLIT_PY" "$OUT/all.txt" "$OUT" \
+    "$SPLIT" "$SEED" "$OUT/held_out.txt"
+else
+  step split "$OUT/test.txt" "$OUT/all.txt" -- "$PY" -c "$SPLIT_PY" "$OUT/all.txt" "$OUT" "$SPLIT" "$SEED"
+fi
 step tokenizer "$OUT/tokenizer.json" "$OUT/train.txt" -- "$PY" -m pix2tex.dataset.tokenizer --data "$OUT/train.txt" \
   --vocab-size "$VOCAB" --out "$OUT/tokenizer.json"
 

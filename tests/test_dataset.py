@@ -297,3 +297,23 @@ def test_create_data_from_real_formulas(shared_data, tmp_path):
     ds = Im2LatexDataset.load(out / "train.pkl")
     assert len(ds.samples) + ds.report.missing == len(train) and len(ds.samples) >= len(train) - 1
     assert len(Im2LatexDataset.load(out / "test.pkl").samples) == 0
+
+
+def test_create_data_with_a_held_out_test_file(shared_data, tmp_path):
+    """--test-formulas: that file is the test split, and none of its formulas is trained on (the
+    quality benchmark: train on arXiv, measure on im2latex val)."""
+    norm = [" ".join(f.split()) for f in
+            (shared_data / "im2latex_val.norm.txt").read_text(encoding="utf-8").splitlines()[:20]]
+    (tmp_path / "corpus.txt").write_text("\n".join(norm[:16]) + "\n", encoding="utf-8")
+    (tmp_path / "held_out.txt").write_text("\n".join(norm[12:]) + "\n", encoding="utf-8")
+    out = tmp_path / "d"
+    log = run_create_data("--formulas", str(tmp_path / "corpus.txt"), "--test-formulas",
+                          str(tmp_path / "held_out.txt"), "--out", str(out), "--split", "0.75,0.25,0.5",
+                          "--vocab-size", "400", "--workers", "2", cwd=REPO)
+    train, val, test = ((out / f"{s}.txt").read_text(encoding="utf-8").splitlines()
+                        for s in ("train", "val", "test"))
+    assert test == norm[12:]  # normalized input stays as it is
+    assert not set(test) & set(train + val)
+    assert sorted(train + val) == sorted(norm[:12]) and len(train) == 9
+    assert "4 of them removed from train/val" in log
+    assert len(Im2LatexDataset.load(out / "test.pkl").samples) >= len(test) - 1
