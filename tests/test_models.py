@@ -126,18 +126,24 @@ def test_folded_weight_standardization_is_the_same_function():
     torch.testing.assert_close(folded, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_inference_encoder_follows_fused_optimizer_updates():
-    """generate() encodes with a frozen copy of the encoder; a fused AdamW step changes the weights
-    without bumping their version counters, and the copy must still be rebuilt (a stale copy made
-    every validation during training decode with the encoder of the first one)."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_generation_follows_fused_optimizer_updates(precision):
+    """generate() keeps a frozen encoder copy and prepared decoder weights between calls; a fused
+    AdamW step changes the weights without bumping their version counters, and both must still be
+    rebuilt (stale ones made every validation during training decode with the weights of the
+    first one)."""
     model = small_model()
     x = torch.randn(2, 1, 64, 128)
-    model.encode_for_inference(x, "fp32")  # build the frozen copy
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    model.generate(x, max_len=6, precision=precision)  # builds both caches
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-2, fused=True)
     model.train()
     model(x, random_targets(2, 8, 40, [5, 6])).backward()
     opt.step()
     model.eval()
+    fresh = small_model()
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(model.generate(x, max_len=6, min_len=6, precision=precision),
+                       fresh.generate(x, max_len=6, min_len=6, precision=precision))
     with torch.no_grad():
         torch.testing.assert_close(model.encode_for_inference(x, "fp32"), model.encode(x),
                                    atol=1e-4, rtol=1e-4)

@@ -50,6 +50,16 @@ def _is_identity(module) -> bool:
     return type(module).__name__ == "Identity"  # torch's or torch_einops_utils' (x-transformers)
 
 
+def weights_key(tensors) -> tuple:
+    """Changes whenever any of `tensors` is updated, for caches derived from weights. Address and
+    version counter, plus the per-tensor norms (one foreach call): fused optimizers update weights
+    in place without bumping `_version`."""
+    tensors = [t.detach() for t in tensors]
+    floats = [t for t in tensors if t.is_floating_point()]
+    norms = torch.stack(torch._foreach_norm(floats)).tolist() if floats else []
+    return tuple((t.data_ptr(), t._version, t.device) for t in tensors) + tuple(norms)
+
+
 def quantize_int8(weight: torch.Tensor, bias: torch.Tensor | None = None):
     """Per-output-channel symmetric int8 weight, packed for torch's dynamic quantized linear."""
     scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-8).double()
@@ -183,8 +193,7 @@ class LatexDecoder(nn.Module):
     def step_weights(self, precision: str = "fp32", cache_dtype: torch.dtype | None = None) -> dict:
         """`_weights`, kept between calls while the parameters are unchanged (int8 packing takes
         ~0.1 s; generation calls this once per batch)."""
-        key = (precision, cache_dtype,
-               tuple((p.data_ptr(), p._version, p.device) for p in self.parameters()))
+        key = (precision, cache_dtype, weights_key(self.parameters()))
         if self._prepared is None or self._prepared[0] != key:
             self._prepared = (key, self._weights(precision, cache_dtype))
         return self._prepared[1]

@@ -20,7 +20,7 @@ from torch import nn
 from timm.layers import Conv2dSame, StdConv2dSame
 
 from . import hybrid, resnet, vit
-from .decoder import LatexDecoder
+from .decoder import LatexDecoder, weights_key
 from .generate import beam_search, sample
 
 ENCODERS = {"hybrid": hybrid.get_encoder, "vit": vit.get_encoder, "resnet": resnet.get_encoder}
@@ -149,12 +149,7 @@ class Model(nn.Module):
     # --- inference ------------------------------------------------------------------------------
     def _inference_encoder(self, dtype: torch.dtype) -> nn.Module:
         """A frozen copy of the encoder for `dtype`, rebuilt whenever the weights change."""
-        params = list(self.encoder.parameters()) + list(self.encoder.buffers())
-        # Fused optimizers update weights in place without bumping `_version`: the per-tensor
-        # norms (one foreach call) tell such an update apart as well.
-        floats = [p.detach() for p in params if p.is_floating_point()]
-        norms = torch.stack(torch._foreach_norm(floats)).tolist() if floats else []
-        key = (dtype, tuple((p.data_ptr(), p._version) for p in params), tuple(norms))
+        key = (dtype, weights_key([*self.encoder.parameters(), *self.encoder.buffers()]))
         if self._frozen_encoder is None or self._frozen_encoder[0] != key:
             frozen = fold_weight_standardization(copy.deepcopy(self.encoder)).eval()
             frozen = frozen.to(dtype=dtype, memory_format=torch.channels_last)
