@@ -29,6 +29,7 @@ import hashlib
 import inspect
 import json
 import math
+import warnings
 import os
 import random
 import signal
@@ -599,7 +600,19 @@ def _train(cfg, model, loss_fn, train_data, val_data, resume, echo) -> dict:
     p = Progress()
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        saved_total = (ckpt["scheduler"] or {}).get("total_steps")
+        if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR) and saved_total and \
+                saved_total != scheduler.total_steps:
+            # max_steps changed on resume: follow the new schedule from the current step on
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()"
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(min(ckpt["step"], scheduler.total_steps - 1)):
+                    scheduler.step()
+            say(f"note: LR schedule re-planned from {saved_total} to {scheduler.total_steps} steps "
+                f"(max_steps changed); step {ckpt['step']} continues at lr "
+                f"{optimizer.param_groups[0]['lr']:.3g}")
+        else:
+            scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt.get("scaler") or {})
         p = Progress(step=ckpt["step"], epoch=ckpt["epoch"], batch_in_epoch=ckpt["batch_in_epoch"],
                      best=ckpt.get("best"), best_step=ckpt.get("best_step"),

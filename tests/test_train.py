@@ -337,3 +337,25 @@ def test_errors_before_training(tiny_data, tmp_path):
               resume=True)
     with pytest.raises(CheckpointError, match="no load_ckpt set and no checkpoint"):
         train(load_config(config, ["name=nothing"]), resume=True)
+
+
+def test_resume_with_a_new_max_steps_follows_the_new_schedule(tiny_data, tmp_path):
+    """A run planned for 12 one-cycle steps, stopped at 4 and resumed with max_steps=8, finishes the
+    schedule at step 8 (LR at its floor) instead of stopping with the LR still high."""
+    config = write_config(tmp_path, tiny_data, {**TINY, "name": "replan", "sample_freq": 100,
+                                                 "scheduler": {"name": "onecycle", "pct_start": 0.25}})
+    assert train(load_config(config, ["max_steps=12"]), echo=None)["step"] == 12  # reference
+    lr = load_config(config).optimizer.lr
+    first = load_config(config, ["max_steps=4", "scheduler.total_steps=12", "name=replan2"])
+    assert train(first)["step"] == 4
+    lines = []
+    result = train(load_config(config, ["max_steps=8", "name=replan2"]), resume=True, echo=lines.append)
+    assert result["step"] == 8
+    assert any("re-planned from 12 to 8 steps" in line for line in lines), lines
+
+    def logged_lr(name, step):
+        rows = [json.loads(x) for x in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["lr"] for r in rows if r.get("step") == step and "lr" in r][-1]
+
+    assert logged_lr("replan2", 8) < 1e-4 * lr  # the 8-step schedule ran to its end
+    assert logged_lr("replan", 8) > 0.1 * lr  # where the 12-step schedule still was
