@@ -354,7 +354,8 @@ def optimizer_step(model, optimizer, scheduler, grad_clip: float) -> float:
 def validate(model, data, tokenizer, cfg, rt: Runtime, max_batches: int,
              should_stop: Callable[[], bool] = lambda: False) -> dict | None:
     """Validation loss, and BLEU / edit distance / token accuracy of greedy (or beam) generation,
-    on the first `max_batches` validation batches. None when interrupted by a stop request."""
+    on `max_batches` validation batches spread over all image sizes. None when interrupted by a
+    stop request."""
     from pix2tex.metrics import compute_metrics
 
     was_training = model.training
@@ -365,7 +366,13 @@ def validate(model, data, tokenizer, cfg, rt: Runtime, max_batches: int,
     devices = [rt.device] if rt.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
-            for index, indices in enumerate(data.batch_plan(0)[:max_batches]):
+            plan = data.batch_plan(0)
+            # batches spread evenly over the plan, which is sorted by image size: the first few
+            # alone would be the smallest images (one-symbol formulas)
+            picked = sorted({round(i * (len(plan) - 1) / max(max_batches - 1, 1))
+                             for i in range(min(max_batches, len(plan)))})
+            for index in picked:
+                indices = plan[index]
                 if should_stop():
                     return None
                 images, tgt = data.load_batch(indices, 0, index)

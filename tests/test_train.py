@@ -359,3 +359,23 @@ def test_resume_with_a_new_max_steps_follows_the_new_schedule(tiny_data, tmp_pat
 
     assert logged_lr("replan2", 8) < 1e-4 * lr  # the 8-step schedule ran to its end
     assert logged_lr("replan", 8) > 0.1 * lr  # where the 12-step schedule still was
+
+
+def test_validation_subset_spans_all_image_sizes(tiny_data, tmp_path):
+    """valbatches < all: the batches are spread over the size-sorted plan, so the subset holds the
+    smallest and the largest images (the first few alone are the shortest formulas)."""
+    from pix2tex.dataset.tokenizer import load_tokenizer
+    from pix2tex.models import get_model
+    from pix2tex.train import validate
+
+    cfg = load_config(write_config(tmp_path, tiny_data, {**TINY, "testbatchsize": 1}))
+    rt = Runtime(device=torch.device("cpu"), amp_dtype=None)
+    val = Im2LatexDataset.load(tiny_data.val_pkl)
+    prepare_datasets(cfg, Im2LatexDataset.load(tiny_data.train_pkl), val, rt)
+    plan = val.batch_plan(0)
+    assert len(plan) >= 4
+    cfg.test_samples = 100
+    tok = load_tokenizer(tiny_data.tokenizer)
+    metrics = validate(get_model(cfg), val, tok, cfg, rt, max_batches=2)
+    refs = [e["ref"] for e in metrics["examples"]]
+    assert refs == [tok.decode(val.ids[plan[i][0]].tolist()) for i in (0, -1)]
