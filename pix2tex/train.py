@@ -29,13 +29,13 @@ import hashlib
 import inspect
 import json
 import math
-import warnings
 import os
 import random
 import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -367,10 +367,11 @@ def validate(model, data, tokenizer, cfg, rt: Runtime, max_batches: int,
     try:
         with torch.random.fork_rng(devices=devices):
             plan = data.batch_plan(0)
-            # batches spread evenly over the plan, which is sorted by image size: the first few
-            # alone would be the smallest images (one-symbol formulas)
-            picked = sorted({round(i * (len(plan) - 1) / max(max_batches - 1, 1))
-                             for i in range(min(max_batches, len(plan)))})
+            # fewer than all: batches spread evenly over the plan, which is sorted by image size
+            # (the first few alone would be the smallest images, one-symbol formulas)
+            n = len(plan)
+            picked = range(n) if max_batches >= n else \
+                [round(i * (n - 1) / max(max_batches - 1, 1)) for i in range(max_batches)]
             for index in picked:
                 indices = plan[index]
                 if should_stop():

@@ -379,3 +379,6 @@ def test_validation_subset_spans_all_image_sizes(tiny_data, tmp_path):
     metrics = validate(get_model(cfg), val, tok, cfg, rt, max_batches=2)
     refs = [e["ref"] for e in metrics["examples"]]
     assert refs == [tok.decode(val.ids[plan[i][0]].tolist()) for i in (0, -1)]
+    # as many batches as the plan has, or more: all of them
+    everything = validate(get_model(cfg), val, tok, cfg, rt, max_batches=len(plan) + 5)
+    assert everything["n"] == sum(len(b) for b in plan)
