@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import json
 import os
@@ -21,7 +20,7 @@ import time
 from typing import Sequence
 
 from pix2tex import metrics as M
-from pix2tex.fileio import atomic_write_text
+from pix2tex.fileio import atomic_write_text, file_sha256
 
 METRIC_ROWS = ("bleu", "edit_distance", "token_edit_accuracy", "token_accuracy", "exact_match",
                "image_match", "n")
@@ -223,8 +222,8 @@ def run_model(args) -> tuple[dict, list[dict], dict]:
     if len(tokenizer) > cfg.num_tokens:
         raise ConfigError(f"the tokenizer {tok_path} has {len(tokenizer)} tokens but the model has "
                           f"num_tokens={cfg.num_tokens}: it is not the tokenizer of this model")
-    with open(tok_path, "rb") as f:  # a checkpoint records its tokenizer's hash: refuse another one
-        check_compatible(ckpt, to_dict(cfg), hashlib.sha256(f.read()).hexdigest(), checkpoint)
+    # a checkpoint records its tokenizer's hash: refuse another one
+    check_compatible(ckpt, to_dict(cfg), file_sha256(tok_path), checkpoint)
 
     device = args.device or cfg.device
     if device == "auto":

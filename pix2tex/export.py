@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,8 @@ import time
 import warnings
 
 import numpy as np
+
+from pix2tex.fileio import file_sha256
 
 META = "pix2tex_onnx.json"
 OPSET = 18
@@ -180,8 +181,7 @@ def export_model(model, cfg, out_dir: str | os.PathLike, tokenizer: str | None =
     tok_sha = None
     if tokenizer:
         shutil.copy(tokenizer, os.path.join(out_dir, "tokenizer.json"))
-        with open(tokenizer, "rb") as f:
-            tok_sha = hashlib.sha256(f.read()).hexdigest()
+        tok_sha = file_sha256(tokenizer)
     meta = {"config": to_dict(cfg), "tokenizer_sha256": tok_sha, "checkpoint": source,
             "bos": cfg.bos_token, "eos": cfg.eos_token, "pad": cfg.pad_token,
             "max_seq_len": cfg.max_seq_len, "cache": cache, "opset": opset}

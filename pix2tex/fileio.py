@@ -4,6 +4,7 @@ uses it too)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from typing import Iterable
@@ -28,6 +29,15 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **open_kwargs):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def file_sha256(path: str | os.PathLike | None) -> str | None:
+    """sha256 of a file's bytes (which tokenizer a checkpoint was trained with); None when no path
+    is given or it is not a file."""
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -16,7 +16,6 @@ pix2tex.export`) decodes greedily with the same preprocessing and tokenizer.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pix2tex.fileio import file_sha256
 from pix2tex.preprocess import DEFAULT_MAX_PIXELS, Geometry, ImageError, preprocess
 
 # Where the project's shipped model lives; used when no checkpoint is given. PIX2TEX_CHECKPOINT
@@ -79,11 +79,6 @@ def known_keys(stored: dict) -> dict:
             value = {k: v for k, v in value.items() if k in DEFAULTS[key]}
         out[key] = value
     return out
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _pick_device(device: str):
@@ -152,7 +147,7 @@ class LatexOCR:
             raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
         tok_path = resolve_tokenizer(tok_candidates, self.checkpoint if backend == "torch" else None)
         want = ckpt.get("tokenizer_sha256") if backend == "torch" else self.model.tokenizer_sha256
-        if want and _sha256(tok_path) != want:  # other ids would decode to the wrong symbols
+        if want and file_sha256(tok_path) != want:  # other ids would decode to the wrong symbols
             raise ValueError(f"{tok_path} is another tokenizer than the one {self.checkpoint} was "
                              f"trained with (contents differ); use that one")
         self.tokenizer = load_tokenizer(tok_path)

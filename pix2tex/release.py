@@ -9,18 +9,16 @@ service load when no checkpoint is given). The model upcasts the weights to floa
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 
 import torch
 
-from pix2tex.checkpoint import CheckpointError, load_checkpoint, model_state, save_checkpoint
-from pix2tex.fileio import atomic_open
+from pix2tex.checkpoint import (CheckpointError, check_compatible, load_checkpoint, model_state,
+                                save_checkpoint)
+from pix2tex.fileio import atomic_open, file_sha256
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# the training-only keys of a checkpoint that a release leaves out
-TRAINING_STATE = ("optimizer", "scheduler", "scaler", "rng", "batch_in_epoch")
 
 
 def make_release(checkpoint: str, out_dir: str, tokenizer: str | None = None, dtype: str = "bf16",
@@ -36,10 +34,8 @@ def make_release(checkpoint: str, out_dir: str, tokenizer: str | None = None, dt
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     tok_src = resolve_tokenizer([tokenizer, ckpt.get("tokenizer"), ckpt["config"].get("tokenizer")],
                                 checkpoint)
-    with open(tok_src, "rb") as f:
-        tok_sha = hashlib.sha256(f.read()).hexdigest()
-    if ckpt.get("tokenizer_sha256") and ckpt["tokenizer_sha256"] != tok_sha:
-        raise CheckpointError(f"{tok_src} is not the tokenizer {checkpoint} was trained with")
+    tok_sha = file_sha256(tok_src)
+    check_compatible(ckpt, ckpt["config"], tok_sha, checkpoint)  # --tokenizer must be its own
     weights = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v
                for k, v in model_state(ckpt).items()}
     # the config without paths of the machine it was trained on: the tokenizer sits beside it

@@ -25,7 +25,6 @@ import bisect
 import contextlib
 import copy
 import datetime
-import hashlib
 import inspect
 import json
 import math
@@ -47,6 +46,7 @@ from pix2tex.checkpoint import (CheckpointError, check_compatible, load_checkpoi
                                 load_model_weights, newest_checkpoint, remove_stale_temporaries,
                                 rng_state, save_checkpoint, set_rng_state)
 from pix2tex.config import ConfigError, load_config, to_dict
+from pix2tex.fileio import file_sha256
 
 # Metrics where a smaller value is better; every other one is maximized.
 LOWER_IS_BETTER = {"edit_distance", "val_loss"}
@@ -482,13 +482,6 @@ class StopRequest:
 
 
 # --- checkpoints -----------------------------------------------------------------------------
-
-def file_sha256(path: str | None) -> str | None:
-    if not path or not os.path.isfile(path):
-        return None
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
 
 def gather_rng(rt: Runtime) -> list[dict]:
     """Every rank's RNG states (a collective: all ranks call it at the same step)."""

@@ -231,7 +231,8 @@ def distill(cfg, resume: bool = False, echo=None, train_data=None, val_data=None
     from pix2tex.dataset.dataset import Im2LatexDataset
     from pix2tex.distill.pseudo_labels import model_digest
     from pix2tex.models import get_model
-    from pix2tex.train import file_sha256 as _sha, run_folder, seed_everything, train
+    from pix2tex.fileio import file_sha256 as _sha
+    from pix2tex.train import run_folder, seed_everything, train
 
     cfg = copy.deepcopy(cfg)
     d = cfg.distill
