@@ -67,7 +67,7 @@ DEFAULTS: dict[str, Any] = {
                   "milestones": [], "min_lr": 0.0,
                   "total_steps": 0},  # schedule length (0: max_steps, else all epochs)
     "grad_clip": 1.0,  # max gradient norm (0: no clipping)
-    "sample_freq": 1000,  # validate every this many steps (and at each epoch end)
+    "sample_freq": 1000,  # validate every this many steps (and at each epoch end and max_steps)
     "save_freq": 0,  # also save `last.pth` every this many steps (0: at validations only)
     "log_freq": 10,  # append training loss/LR to metrics.jsonl every this many steps
     "valbatches": 100,  # validation batches that get generation metrics

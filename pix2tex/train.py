@@ -695,7 +695,9 @@ def _train(cfg, model, loss_fn, train_data, val_data, resume, echo) -> dict:
         return True
 
     def validation_due(plan_len: int) -> bool:
-        return p.step > 0 and (p.step % cfg.sample_freq == 0 or p.batch_in_epoch == plan_len)
+        # also at max_steps: the end of the LR schedule is the model best.pth should get to see
+        return p.step > 0 and (p.step % cfg.sample_freq == 0 or p.batch_in_epoch == plan_len
+                               or p.step == cfg.max_steps)
 
     max_steps = cfg.max_steps or float("inf")
     reason = None

@@ -33,7 +33,8 @@ TINY = {
     "log_freq": 1, "epochs": 100, "seed": 7,
 }
 # Exact-resume runs: dropout on (so the RNG state matters), a one-cycle schedule whose length is
-# fixed, validation every 5 steps and at epoch ends (a few batches of 4 per epoch), 12 steps in all.
+# fixed, validation every 5 steps, at epoch ends (a few batches of 4 per epoch) and at the last of
+# the 12 steps.
 EXACT = {**TINY, "deterministic": True, "emb_dropout": 0.1, "sample_freq": 5,
          "scheduler": {"name": "onecycle", "total_steps": 12}}
 STEPS = 12
@@ -179,9 +180,9 @@ def test_checkpoint_holds_what_a_resume_needs(resume_runs):
     assert best["best"] == ckpt["best"] and best["step"] == ckpt["best_step"]
     records = [json.loads(l) for l in (resume_runs["runs"] / "straight" / "metrics.jsonl").open()]
     val = [r["val"] for r in records if "val" in r]
-    n = resume_runs["batches_per_epoch"]  # every 5 steps and at each epoch's end
+    n = resume_runs["batches_per_epoch"]  # every 5 steps, at each epoch's end and at max_steps
     assert {r["step"] for r in records if "val" in r} == \
-        {s for s in range(1, STEPS + 1) if s % 5 == 0 or s % n == 0}
+        {s for s in range(1, STEPS + 1) if s % 5 == 0 or s % n == 0 or s == STEPS}
     assert {"val_loss", "bleu", "edit_distance", "token_accuracy"} <= set(val[0])
 
 
