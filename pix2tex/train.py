@@ -694,12 +694,13 @@ def _train(cfg, model, loss_fn, train_data, val_data, resume, echo) -> dict:
             say(f"  pred: {ex['pred']}\n  ref:  {ex['ref']}")
         return True
 
+    max_steps = cfg.max_steps or float("inf")
+
     def validation_due(plan_len: int) -> bool:
         # also at max_steps: the end of the LR schedule is the model best.pth should get to see
         return p.step > 0 and (p.step % cfg.sample_freq == 0 or p.batch_in_epoch == plan_len
-                               or p.step == cfg.max_steps)
+                               or p.step == max_steps)
 
-    max_steps = cfg.max_steps or float("inf")
     reason = None
     with stop:
         # A checkpoint written before its validation ran (interrupted there): validate first,
