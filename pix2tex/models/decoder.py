@@ -35,6 +35,8 @@ from x_transformers import Decoder, TransformerWrapper
 from x_transformers.x_transformers import AbsolutePositionalEmbedding, Attention, FeedForward
 from x_transformers.x_transformers import LayerNorm as XLayerNorm
 
+from .attention import route_decoder_attention
+
 # decoder_args the lean step implements: key -> allowed values (None: any value). Dropout keys do
 # nothing at inference.
 LEAN_DECODER_ARGS = {
@@ -98,6 +100,7 @@ class LatexDecoder(nn.Module):
         self.net = TransformerWrapper(
             num_tokens=num_tokens, max_seq_len=max_seq_len, emb_dropout=emb_dropout,
             attn_layers=Decoder(dim=dim, depth=depth, heads=heads, **args))
+        route_decoder_attention(self.net)  # faster exact kernels for bf16 training on CPU
         self.max_seq_len = max_seq_len
         self._prepared = None  # (key, weights) of the last step_weights() call
         self.lean = lean_supported(args)

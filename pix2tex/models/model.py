@@ -143,7 +143,8 @@ class Model(nn.Module):
         """Mean cross-entropy of tgt_ids[:, 1:] given tgt_ids[:, :-1] over the tokens up to and
         including each row's EOS (padding after it ignored)."""
         logits = self.logits(images, tgt_ids[:, :-1])
-        return F.cross_entropy(logits.transpose(1, 2).float(), self.loss_labels(tgt_ids),
+        # [B*T, V] rows: log-softmax over contiguous memory (the [B, V, T] form copies it first)
+        return F.cross_entropy(logits.flatten(0, 1).float(), self.loss_labels(tgt_ids).flatten(),
                                ignore_index=-100)
 
     # --- inference ------------------------------------------------------------------------------

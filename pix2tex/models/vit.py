@@ -4,7 +4,8 @@
 largest grid (max_height/patch x max_width/patch) and a smaller image takes the rows and columns
 it covers, so the patch in row r, column c gets the same position vector at every image size
 (LaTeX-OCR's indexing; timm's own `dynamic_img_size` would resample the table instead, and a
-patch's position would then depend on the image size). The class token keeps entry 0.
+patch's position would then depend on the image size). The class token keeps entry 0. Attention
+is timm's, with faster kernels for bf16 training on CPU (attention.py).
 
 `get_encoder(cfg)` builds the plain ViT (linear patch embedding); `hybrid.py` builds the same
 transformer over a ResNetV2 feature map.
@@ -14,6 +15,8 @@ from __future__ import annotations
 import torch
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
+
+from .attention import Attention
 
 
 class GridViT(VisionTransformer):
@@ -26,7 +29,7 @@ class GridViT(VisionTransformer):
         super().__init__(img_size=(max_height, max_width), patch_size=patch_size, in_chans=in_chans,
                          num_classes=0, global_pool='', embed_dim=embed_dim, depth=depth,
                          num_heads=num_heads, dynamic_img_size=True, embed_layer=embed_layer,
-                         **kwargs)
+                         attn_layer=Attention, **kwargs)
         self.max_height, self.max_width = max_height, max_width
         self.grid_h, self.grid_w = self.patch_embed.grid_size
 

@@ -1,0 +1,112 @@
+"""Scaled dot-product attention for training on CPU in bf16, with the faster of two exact kernels.
+
+PyTorch's CPU flash-attention kernel is slow in bf16, above all its backward. Measured on 2 threads
+(forward + backward, batch 16, 8 heads; ../bench/train.py covers the whole step):
+
+    shape (queries x keys, head dim)      flash bf16   flash fp32   matmuls (below)
+    ViT 193 x 193, 32                       32 ms        18 ms        46 ms
+    decoder self-attention 59 x 59, 64      15 ms                      5 ms (causal)
+    decoder cross-attention 59 x 193, 64    17 ms        16 ms       12 ms
+
+So: short attention (queries x keys up to SHORT) runs as explicit bf16 matmuls with the softmax in
+float32 and a hand-written backward; longer attention runs the flash kernel in float32. Anything
+else (GPU, float32, inference, dropout, masks) goes to F.scaled_dot_product_attention unchanged.
+`Attention` (timm's, for the ViT encoder) and `Attend` (x-transformers', for the decoder) route
+their attention through `attention()`; parameters and state dicts are unchanged.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention as TimmAttention
+from x_transformers.attend import Attend as XAttend
+from x_transformers.attend import Intermediates
+
+SHORT = 128 * 128  # queries x keys at or below which the matmul kernel wins (table above)
+
+
+class MatmulAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d)) v: bf16 matmuls, float32 softmax; the backward recomputes the
+    probabilities instead of keeping them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool):
+        p = _probabilities(q, k, causal)
+        out = torch.matmul(p.to(v.dtype), v)
+        ctx.save_for_backward(q, k, v, out)
+        ctx.causal = causal
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out = ctx.saved_tensors
+        p = _probabilities(q, k, ctx.causal)
+        dv = torch.matmul(p.to(dout.dtype).transpose(-1, -2), dout)
+        dp = torch.matmul(dout, v.transpose(-1, -2)).float()
+        # softmax backward: dS = P * (dP - rowsum(dO * O))
+        ds = (p * (dp - (dout.float() * out.float()).sum(-1, keepdim=True))).to(q.dtype)
+        scale = 1 / math.sqrt(q.shape[-1])
+        dq = torch.matmul(ds, k) * scale
+        dk = torch.matmul(ds.transpose(-1, -2), q) * scale
+        return dq, dk, dv, None
+
+
+def _probabilities(q, k, causal: bool) -> torch.Tensor:
+    s = torch.matmul(q, k.transpose(-1, -2)).float() * (1 / math.sqrt(q.shape[-1]))
+    if causal:
+        L, S = s.shape[-2:]
+        s.masked_fill_(torch.ones(L, S, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
+def attention(q, k, v, is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+    """q [B, H, L, d], k/v [B, H, S, d] -> [B, H, L, d], as F.scaled_dot_product_attention."""
+    if (q.device.type != "cpu" or q.dtype != torch.bfloat16 or dropout_p > 0
+            or not torch.is_grad_enabled() or (is_causal and q.shape[-2] != k.shape[-2])):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout_p)
+    if q.shape[-2] * k.shape[-2] <= SHORT:
+        return MatmulAttention.apply(q, k, v, is_causal)
+    with torch.autocast("cpu", enabled=False):  # autocast would cast the float32 inputs back
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=is_causal)
+    return out.to(q.dtype)
+
+
+class Attention(TimmAttention):
+    """timm's ViT attention through `attention()` (no gate, mask or causal; else timm's own)."""
+
+    def forward(self, x, attn_mask=None, is_causal: bool = False):
+        if attn_mask is not None or is_causal or self.gate is not None or not self.fused_attn:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        return self.proj_drop(self.proj(self.norm(x)))
+
+
+class Attend(XAttend):
+    """x-transformers' Attend with its flash path through `attention()` when nothing but (optional)
+    causality is asked for; masks, biases and the other options keep x-transformers' own path."""
+
+    def flash_attn(self, q, k, v, mask=None, attn_bias=None, flash_pack_seq_kwargs=None, causal=None):
+        causal = self.causal if causal is None else causal
+        default_scale = self.scale is None or math.isclose(self.scale, q.shape[-1] ** -0.5)
+        plain = (mask is None and attn_bias is None and not self.l2_distance and default_scale
+                 and not self.flash_pack_seq and k.ndim == 4 and v.ndim == 4)
+        if not plain or (causal and q.shape[-2] != k.shape[-2]):
+            return super().flash_attn(q, k, v, mask=mask, attn_bias=attn_bias,
+                                      flash_pack_seq_kwargs=flash_pack_seq_kwargs, causal=causal)
+        out = attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
+        return out, Intermediates()
+
+
+def route_decoder_attention(module: torch.nn.Module) -> None:
+    """Make every x-transformers Attend inside `module` an `Attend` above (same state; it has no
+    parameters), so the decoder's attention runs through `attention()`."""
+    for m in module.modules():
+        if type(m) is XAttend:
+            m.__class__ = Attend

@@ -1,0 +1,271 @@
+// Group normalization with an optional ReLU, forward and backward, for channels-last (NHWC) bfloat16
+// CPU tensors; statistics and arithmetic in float32, affine parameters in float32.
+//
+// Why: mkldnn runs bf16 convolutions 4-6x faster on channels-last tensors than on NCHW ones (which
+// it converts to and from on every call), but PyTorch's own channels-last GroupNorm kernels are
+// 2-4x slower than its NCHW ones (worst with 2 channels per group). Here each direction is two
+// passes over memory: forward reads x for the per-channel sums, then reads x and writes y; backward
+// reads (x, dy) for the per-channel sums, then reads them again and writes dx. The ReLU mask is
+// recomputed from x in the backward pass instead of being stored.
+//
+// Work is split over (sample, chunk of rows) so a batch smaller than the thread count still uses
+// every thread; each task keeps its own per-channel partial sums.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+inline float to_float(uint16_t v) {  // bfloat16 bits -> float
+  return std::bit_cast<float>(static_cast<uint32_t>(v) << 16);
+}
+inline void store(uint16_t* p, float v) {  // float -> bfloat16, round to nearest even
+  const uint32_t bits = std::bit_cast<uint32_t>(v);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  *p = std::isnan(v) ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
+}
+
+struct Plan {
+  int64_t N, HW, C, G, chunks;
+  Plan(const at::Tensor& x, int64_t groups) {
+    N = x.size(0);
+    C = x.size(1);
+    HW = x.size(2) * x.size(3);
+    G = groups;
+    const int64_t threads = at::get_num_threads();
+    chunks = std::max<int64_t>(1, std::min<int64_t>(HW, (threads + N - 1) / N));
+  }
+  int64_t row_begin(int64_t k) const { return HW * k / chunks; }
+  int64_t row_end(int64_t k) const { return HW * (k + 1) / chunks; }
+};
+
+// Per-channel scale and shift of sample n: y = x * scale + shift (forward and backward share this
+// so the ReLU mask of the backward pass is bit-identical to the forward one).
+void affine(const Plan& p, int64_t n, const float* weight, const float* bias, const float* mean,
+            const float* rstd, float* scale, float* shift) {
+  const int64_t Cg = p.C / p.G;
+  for (int64_t c = 0; c < p.C; ++c) {
+    const int64_t g = n * p.G + c / Cg;
+    scale[c] = weight[c] * rstd[g];
+    shift[c] = bias[c] - mean[g] * scale[c];
+  }
+}
+
+void forward_impl(const Plan& p, const uint16_t* x, const float* weight, const float* bias, double eps,
+                  bool relu, uint16_t* y, float* mean, float* rstd) {
+  const int64_t N = p.N, HW = p.HW, C = p.C, G = p.G, Cg = C / G, K = p.chunks;
+  // Sums of deviations from each channel's first value keep float accumulation precise when a
+  // channel's mean is large against its spread.
+  std::vector<float> pivot(N * C);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) pivot[n * C + c] = to_float(x[n * HW * C + c]);
+  std::vector<float> sum(N * K * C), sumsq(N * K * C);
+  at::parallel_for(0, N * K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / K, k = t % K;
+      const float* __restrict__ piv = &pivot[n * C];
+      float* __restrict__ s1 = &sum[t * C];
+      float* __restrict__ s2 = &sumsq[t * C];
+      for (int64_t i = p.row_begin(k); i < p.row_end(k); ++i) {
+        const uint16_t* __restrict__ row = x + (n * HW + i) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const float d = to_float(row[c]) - piv[c];
+          s1[c] += d;
+          s2[c] += d * d;
+        }
+      }
+    }
+  });
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t g = 0; g < G; ++g) {
+      double total = 0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        double s = 0;
+        for (int64_t k = 0; k < K; ++k) s += sum[(n * K + k) * C + c];
+        total += s + static_cast<double>(pivot[n * C + c]) * HW;
+      }
+      const double m = total / static_cast<double>(HW * Cg);
+      double ss = 0;  // sum over the group of (x - m)^2, from each channel's pivoted sums
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        double s = 0, q = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          s += sum[(n * K + k) * C + c];
+          q += sumsq[(n * K + k) * C + c];
+        }
+        const double off = static_cast<double>(pivot[n * C + c]) - m;
+        ss += q + 2 * off * s + off * off * HW;
+      }
+      const double var = std::max(ss / static_cast<double>(HW * Cg), 0.0);
+      mean[n * G + g] = static_cast<float>(m);
+      rstd[n * G + g] = static_cast<float>(1.0 / std::sqrt(var + eps));
+    }
+  }
+  at::parallel_for(0, N * K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scale(C), shift(C);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / K, k = t % K;
+      affine(p, n, weight, bias, mean, rstd, scale.data(), shift.data());
+      const float* __restrict__ a = scale.data();
+      const float* __restrict__ b = shift.data();
+      for (int64_t i = p.row_begin(k); i < p.row_end(k); ++i) {
+        const uint16_t* __restrict__ row = x + (n * HW + i) * C;
+        uint16_t* __restrict__ out = y + (n * HW + i) * C;
+        if (relu) {
+          for (int64_t c = 0; c < C; ++c) {
+            const float v = std::fma(to_float(row[c]), a[c], b[c]);
+            store(out + c, v > 0.f ? v : 0.f);
+          }
+        } else {
+          for (int64_t c = 0; c < C; ++c) store(out + c, std::fma(to_float(row[c]), a[c], b[c]));
+        }
+      }
+    }
+  });
+}
+
+void backward_impl(const Plan& p, const uint16_t* dy, const uint16_t* x, const float* weight, const float* bias,
+                   const float* mean, const float* rstd, bool relu, uint16_t* dx, float* dweight,
+                   float* dbias) {
+  const int64_t N = p.N, HW = p.HW, C = p.C, G = p.G, Cg = C / G, K = p.chunks;
+  // Pass 1: per channel, sum of the (ReLU-masked) upstream gradient g and of g * (x - mean).
+  std::vector<float> sum_g(N * K * C), sum_gx(N * K * C);
+  at::parallel_for(0, N * K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scale(C), shift(C), centre(C);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / K, k = t % K;
+      affine(p, n, weight, bias, mean, rstd, scale.data(), shift.data());
+      for (int64_t c = 0; c < C; ++c) centre[c] = mean[n * G + c / Cg];
+      const float* __restrict__ a = scale.data();
+      const float* __restrict__ b = shift.data();
+      const float* __restrict__ m = centre.data();
+      float* __restrict__ s1 = &sum_g[t * C];
+      float* __restrict__ s2 = &sum_gx[t * C];
+      for (int64_t i = p.row_begin(k); i < p.row_end(k); ++i) {
+        const uint16_t* __restrict__ xr = x + (n * HW + i) * C;
+        const uint16_t* __restrict__ gr = dy + (n * HW + i) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const float xv = to_float(xr[c]);
+          float g = to_float(gr[c]);
+          if (relu) g = std::fma(xv, a[c], b[c]) > 0.f ? g : 0.f;
+          s1[c] += g;
+          s2[c] += g * (xv - m[c]);
+        }
+      }
+    }
+  });
+  // Per (sample, group): dx = g * w * rstd + (x - mean) * P + Q with
+  //   P = -rstd^3 * sum(w g (x - mean)) / D,  Q = -rstd * sum(w g) / D,  D = HW * Cg.
+  std::vector<float> coef_p(N * G), coef_q(N * G);
+  std::vector<double> dw(C, 0.0), db(C, 0.0);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t g = 0; g < G; ++g) {
+      const double r = rstd[n * G + g];
+      double A = 0, E = 0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        double s = 0, q = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          s += sum_g[(n * K + k) * C + c];
+          q += sum_gx[(n * K + k) * C + c];
+        }
+        A += weight[c] * s;
+        E += weight[c] * q;
+        db[c] += s;
+        dw[c] += q * r;
+      }
+      const double D = static_cast<double>(HW * Cg);
+      coef_p[n * G + g] = static_cast<float>(-r * r * r * E / D);
+      coef_q[n * G + g] = static_cast<float>(-r * A / D);
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    dweight[c] = static_cast<float>(dw[c]);
+    dbias[c] = static_cast<float>(db[c]);
+  }
+  // Pass 2: dx.
+  at::parallel_for(0, N * K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scale(C), shift(C), pc(C), qc(C);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / K, k = t % K;
+      affine(p, n, weight, bias, mean, rstd, scale.data(), shift.data());
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t g = n * G + c / Cg;
+        pc[c] = coef_p[g];
+        qc[c] = coef_q[g] - mean[g] * coef_p[g];  // fold the centring into the constant
+      }
+      const float* __restrict__ a = scale.data();
+      const float* __restrict__ b = shift.data();
+      const float* __restrict__ pp = pc.data();
+      const float* __restrict__ qq = qc.data();
+      for (int64_t i = p.row_begin(k); i < p.row_end(k); ++i) {
+        const uint16_t* __restrict__ xr = x + (n * HW + i) * C;
+        const uint16_t* __restrict__ gr = dy + (n * HW + i) * C;
+        uint16_t* __restrict__ out = dx + (n * HW + i) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const float xv = to_float(xr[c]);
+          float g = to_float(gr[c]);
+          if (relu) g = std::fma(xv, a[c], b[c]) > 0.f ? g : 0.f;
+          store(out + c, g * a[c] + (xv * pp[c] + qq[c]));
+        }
+      }
+    }
+  });
+}
+
+void check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t groups) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, "group_norm_nhwc: expects a 4-D CPU tensor");
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "group_norm_nhwc: expects a channels-last tensor");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "group_norm_nhwc: expects bfloat16, got ",
+              x.scalar_type());
+  TORCH_CHECK(groups > 0 && x.size(1) % groups == 0, "group_norm_nhwc: ", x.size(1),
+              " channels are not divisible into ", groups, " groups");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat &&
+                  weight.is_contiguous() && bias.is_contiguous() && weight.numel() == x.size(1) &&
+                  bias.numel() == x.size(1),
+              "group_norm_nhwc: weight and bias must be contiguous float32 of size C");
+}
+
+}  // namespace
+
+// Returns (y, mean [N, G], rstd [N, G]).
+std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                int64_t groups, double eps, bool relu) {
+  check(x, weight, bias, groups);
+  const Plan p(x, groups);
+  auto y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  auto mean = at::empty({p.N, p.G}, x.options().dtype(at::kFloat));
+  auto rstd = at::empty({p.N, p.G}, x.options().dtype(at::kFloat));
+  forward_impl(p, reinterpret_cast<const uint16_t*>(x.data_ptr()), weight.data_ptr<float>(),
+               bias.data_ptr<float>(), eps, relu, reinterpret_cast<uint16_t*>(y.data_ptr()),
+               mean.data_ptr<float>(), rstd.data_ptr<float>());
+  return {y, mean, rstd};
+}
+
+// Returns (dx, dweight, dbias).
+std::vector<at::Tensor> backward(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& rstd,
+                                 int64_t groups, bool relu) {
+  check(x, weight, bias, groups);
+  const auto dy = dy_in.to(x.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
+  const Plan p(x, groups);
+  auto dx = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  auto dweight = at::empty({p.C}, weight.options());
+  auto dbias = at::empty({p.C}, bias.options());
+  const auto m = mean.contiguous(), r = rstd.contiguous();
+  backward_impl(p, reinterpret_cast<const uint16_t*>(dy.data_ptr()),
+                reinterpret_cast<const uint16_t*>(x.data_ptr()), weight.data_ptr<float>(),
+                bias.data_ptr<float>(), m.data_ptr<float>(), r.data_ptr<float>(), relu,
+                reinterpret_cast<uint16_t*>(dx.data_ptr()), dweight.data_ptr<float>(),
+                dbias.data_ptr<float>());
+  return {dx, dweight, dbias};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "GroupNorm (+ReLU) forward, channels-last CPU");
+  m.def("backward", &backward, "GroupNorm (+ReLU) backward, channels-last CPU");
+}
