@@ -53,11 +53,11 @@ def test_rejects_what_it_does_not_implement(kernel):
     x = torch.randn(2, 8, 4, 4).bfloat16()
     w, b = torch.ones(8), torch.zeros(8)
     with pytest.raises(RuntimeError, match="channels-last"):
-        fused_norm._kernel.forward(x, w, b, 4, 1e-5, True)  # NCHW
+        fused_norm._kernel.forward(x, w, b, None, 4, 1e-5, True)  # NCHW
     with pytest.raises(RuntimeError, match="bfloat16"):
-        fused_norm._kernel.forward(x.float().contiguous(memory_format=torch.channels_last), w, b, 4, 1e-5, True)
+        fused_norm._kernel.forward(x.float().contiguous(memory_format=torch.channels_last), w, b, None, 4, 1e-5, True)
     with pytest.raises(RuntimeError, match="groups"):
-        fused_norm._kernel.forward(x.contiguous(memory_format=torch.channels_last), w, b, 3, 1e-5, True)
+        fused_norm._kernel.forward(x.contiguous(memory_format=torch.channels_last), w, b, None, 3, 1e-5, True)
 
 
 def test_module_keeps_timm_parameters_and_falls_back_outside_bf16_cpu(kernel):

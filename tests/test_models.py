@@ -372,3 +372,27 @@ def test_reduced_precision_inference_keeps_the_trained_models_output(overfit, pr
     for images, _ in batches:
         assert torch.equal(model.generate(images, precision=precision),
                            model.generate(images, precision="fp32"))
+
+
+def test_hybrid_stem_runs_channels_last_with_the_same_function():
+    """The stem's 'same' max pool without its -inf padding copy picks the same windows at every
+    size, and the channels-last stem conv (CPU, with the fused-norm kernel) computes the same."""
+    from timm.layers import StdConv2dSame
+    from timm.layers.pool2d_same import MaxPool2dSame
+
+    from pix2tex.models import fused_norm
+    from pix2tex.models.hybrid import MaxPoolSame, StemConv
+
+    for h, w in [(64, 64), (65, 97), (96, 130), (7, 8)]:
+        x = torch.randn(2, 3, h, w)
+        assert torch.equal(MaxPoolSame(3, 2)(x), MaxPool2dSame(3, 2)(x))
+    assert fused_norm.load(), fused_norm._error
+    torch.manual_seed(0)
+    ours = StemConv(1, 8, kernel_size=7, stride=2)
+    timm_conv = StdConv2dSame(1, 8, kernel_size=7, stride=2)
+    timm_conv.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 1, 37, 50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ref = ours(x), timm_conv(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, ref)

@@ -1,10 +1,11 @@
-"""GroupNorm (+ReLU) as one C++ kernel for channels-last bfloat16 CPU tensors.
+"""GroupNorm (+residual, +ReLU) as one C++ kernel for channels-last bfloat16 CPU tensors.
 
 Why: on CPU, mkldnn runs bf16 convolutions several times faster on channels-last tensors than on
 NCHW ones (it converts NCHW input and output on every call), but PyTorch's own channels-last
 GroupNorm is 2-4x slower than its NCHW one. With this kernel the ResNetV2 backbone runs
 channels-last end to end: `GroupNormAct` below converts its input to channels-last once (at the
-stem) and everything after it stays that way.
+stem) and everything after it stays that way; `Bottleneck` also folds the shortcut addition and
+the ReLU that end each block into the kernel.
 
 The kernel (csrc/group_norm_nhwc.cpp) is compiled on first `load()` with torch.utils.cpp_extension
 (about 30 s, cached under ~/.cache/torch_extensions) and needs a C++ compiler with OpenMP. Training
@@ -20,6 +21,7 @@ import warnings
 
 import torch
 from timm.layers import GroupNormAct as TimmGroupNormAct
+from timm.models.resnetv2 import Bottleneck as TimmBottleneck
 from torch import nn
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "group_norm_nhwc.cpp")
@@ -73,37 +75,68 @@ def _cpu_tag() -> str:
 
 class GroupNormActFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, groups: int, eps: float, relu: bool):
-        y, mean, rstd = _kernel.forward(x, weight, bias, groups, eps, relu)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+    def forward(ctx, x, weight, bias, residual, groups: int, eps: float, relu: bool):
+        y, mean, rstd = _kernel.forward(x, weight, bias, residual, groups, eps, relu)
+        ctx.save_for_backward(x, weight, bias, residual, mean, rstd)
         ctx.groups, ctx.relu = groups, relu
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias = _kernel.backward(dy, x, weight, bias, mean, rstd, ctx.groups, ctx.relu)
-        return dx, dweight, dbias, None, None, None
+        x, weight, bias, residual, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias, dresidual = _kernel.backward(dy, x, weight, bias, residual, mean, rstd,
+                                                         ctx.groups, ctx.relu)
+        return dx, dweight, dbias, dresidual, None, None, None
 
 
-def group_norm_act(x, groups: int, weight, bias, eps: float, relu: bool) -> torch.Tensor:
-    """The kernel on any 4-D bf16 CPU tensor (made channels-last); float32 affine parameters."""
+def group_norm_act(x, groups: int, weight, bias, eps: float, relu: bool, residual=None):
+    """act(group_norm(x) + residual) by the kernel, for 4-D bf16 CPU tensors (made channels-last)
+    and float32 affine parameters."""
     x = x.contiguous(memory_format=torch.channels_last)
-    return GroupNormActFunction.apply(x, weight.float(), bias.float(), groups, eps, relu)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    return GroupNormActFunction.apply(x, weight.float(), bias.float(), residual, groups, eps, relu)
 
 
 class GroupNormAct(TimmGroupNormAct):
     """timm's GroupNormAct (same parameters and state dict) that uses the kernel when it can."""
 
+    def kernel_applies(self, x) -> bool:
+        return (_kernel is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16
+                and x.dim() == 4 and self.affine and isinstance(self.drop, nn.Identity)
+                and isinstance(self.act, (nn.ReLU, nn.Identity)) and not tracing())
+
     def forward(self, x):
-        relu = isinstance(self.act, nn.ReLU)
-        if (_kernel is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16
-                and x.dim() == 4 and self.affine and (relu or isinstance(self.act, nn.Identity))
-                and isinstance(self.drop, nn.Identity) and not _tracing()):
+        if self.kernel_applies(x):
+            relu = isinstance(self.act, nn.ReLU)
             return group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, relu)
         return super().forward(x)
 
 
-def _tracing() -> bool:
+class Bottleneck(TimmBottleneck):
+    """timm's ResNetV2 bottleneck (no pre-activation); with the kernel, the last norm, the shortcut
+    addition and the ReLU after it are one pass (three in PyTorch, and three more backward)."""
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.conv3(self.norm2(self.conv2(self.norm1(self.conv1(x)))))
+        norm = self.norm3
+        if (isinstance(norm, GroupNormAct) and norm.kernel_applies(x) and isinstance(norm.act, nn.Identity)
+                and isinstance(self.drop_path, nn.Identity) and isinstance(self.act3, nn.ReLU)
+                and shortcut.dtype == x.dtype and shortcut.shape == x.shape):
+            return group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, relu=True,
+                                  residual=shortcut)
+        return self.act3(self.drop_path(norm(x)) + shortcut)
+
+
+def route_backbone(backbone: nn.Module) -> None:
+    """Make timm's bottlenecks inside `backbone` the `Bottleneck` above (same modules and state)."""
+    for m in backbone.modules():
+        if type(m) is TimmBottleneck:
+            m.__class__ = Bottleneck
+
+
+def tracing() -> bool:
+    """Under torch.jit / ONNX export / torch.compile: PyTorch's own ops, not the kernel."""
     return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
             or torch.compiler.is_compiling())

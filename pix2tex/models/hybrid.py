@@ -8,12 +8,18 @@ GridViT's transformer blocks run over the resulting grid with (row, column)-inde
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 
+import torch
+import torch.nn.functional as F
 from timm.layers import HybridEmbed, StdConv2dSame
+from timm.layers.padding import get_same_padding, pad_same
+from timm.layers.pool2d_same import MaxPool2dSame
 from timm.models.resnetv2 import ResNetV2
 
-from .fused_norm import GroupNormAct
+from . import fused_norm
+from .fused_norm import GroupNormAct, route_backbone
 from .vit import GridViT
 
 
@@ -27,6 +33,46 @@ def group_norm_act(num_channels: int, **kwargs) -> GroupNormAct:
     return GroupNormAct(num_channels, num_groups=32, **kwargs)
 
 
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """`t` with channels-last strides. With one channel both layouts are the same memory and
+    PyTorch calls it NCHW, so mkldnn would convert the convolution's output back to NCHW (a copy
+    forward and one backward of the largest activation); the explicit strides avoid that."""
+    if t.shape[1] == 1:
+        _, _, h, w = t.shape
+        return t.contiguous().as_strided(t.shape, (h * w, 1, w, 1))
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+class StemConv(StdConv2dSame):
+    """timm's weight-standardized 'same' conv; on the channels-last CPU path (fused_norm) its
+    one-channel input and its weights are handed to mkldnn as channels-last."""
+
+    def forward(self, x):
+        if not (fused_norm.available() and x.device.type == "cpu" and not fused_norm.tracing()):
+            return super().forward(x)
+        x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                              training=True, momentum=0.0, eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(channels_last(x), channels_last(weight), self.bias, self.stride,
+                        self.padding, self.dilation, self.groups)
+
+
+class MaxPoolSame(MaxPool2dSame):
+    """timm's 'same' max pool without materializing the -inf padding: max_pool2d's own padding
+    plus ceil_mode picks the same windows (checked by output size; otherwise timm's way)."""
+
+    def forward(self, x):
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        h, w = x.shape[-2:]
+        ph, pw = get_same_padding(h, kh, sh, 1), get_same_padding(w, kw, sw, 1)
+        pad = (ph // 2, pw // 2)
+        if (self.dilation != (1, 1) or pad[0] * 2 > kh or pad[1] * 2 > kw
+                or (h + 2 * pad[0] - kh + sh - 1) // sh + 1 != math.ceil(h / sh)
+                or (w + 2 * pad[1] - kw + sw - 1) // sw + 1 != math.ceil(w / sw)):
+            return super().forward(x)
+        return F.max_pool2d(x, self.kernel_size, self.stride, pad, 1, ceil_mode=True)
+
+
 def get_encoder(cfg) -> GridViT:
     reduction = backbone_reduction(cfg.backbone_layers)
     if cfg.patch_size % reduction:
@@ -35,6 +81,10 @@ def get_encoder(cfg) -> GridViT:
     backbone = ResNetV2(layers=list(cfg.backbone_layers), num_classes=0, global_pool='',
                         in_chans=cfg.channels, preact=False, stem_type='same',
                         conv_layer=StdConv2dSame, norm_layer=group_norm_act)
+    route_backbone(backbone)  # each block's last norm + shortcut + ReLU in one kernel (bf16 CPU)
+    backbone.stem.conv.__class__ = StemConv  # same modules and state, channels-last on CPU
+    if isinstance(backbone.stem.get_submodule("pool"), MaxPool2dSame):
+        backbone.stem.pool.__class__ = MaxPoolSame
     embed = partial(HybridEmbed, backbone=backbone)
     return GridViT(max_height=cfg.max_height, max_width=cfg.max_width,
                    patch_size=cfg.patch_size // reduction, embed_dim=cfg.dim,
