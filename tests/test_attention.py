@@ -77,3 +77,23 @@ def test_model_routes_attention_and_keeps_x_transformers_results(monkeypatch):
     loss_ref, grads_ref = step()
     assert abs(loss - loss_ref) < 1e-2 * abs(loss_ref)
     assert rel_err(grads, grads_ref.double()) < 0.05
+
+
+def test_vit_attention_long_sequences_match_timm():
+    """Above SHORT the ViT's attention casts q, k, v to float32 together for flash: same outputs
+    and gradients as timm's own attention (bf16 SDPA) up to bf16 rounding."""
+    from timm.layers import Attention as TimmAttention
+
+    torch.manual_seed(0)
+    ours, theirs = attention.Attention(64, num_heads=4), TimmAttention(64, num_heads=4)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, attention.SHORT // 64 + 1, 64)  # queries x keys above SHORT: float32 flash
+    grads = []
+    for module in (ours, theirs):
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(xx)
+        out.float().square().mean().backward()
+        grads.append((out.float(), xx.grad, module.qkv.weight.grad))
+    for got, want in zip(*grads):
+        assert rel_err(got, want.double()) < 2e-2

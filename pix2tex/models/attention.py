@@ -20,6 +20,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from timm.layers import Attention as TimmAttention
 from x_transformers.attend import Attend as XAttend
 from x_transformers.attend import Intermediates
@@ -61,12 +62,20 @@ def _probabilities(q, k, causal: bool) -> torch.Tensor:
     return torch.softmax(s, dim=-1)
 
 
-def attention(q, k, v, is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
-    """q [B, H, L, d], k/v [B, H, S, d] -> [B, H, L, d], as F.scaled_dot_product_attention."""
+def kernel_for(q, k, is_causal: bool = False, dropout_p: float = 0.0) -> str:
+    """'matmul', 'flash32' or 'sdpa' (PyTorch's, unchanged) for these queries and keys."""
     if (q.device.type != "cpu" or q.dtype != torch.bfloat16 or dropout_p > 0
             or not torch.is_grad_enabled() or (is_causal and q.shape[-2] != k.shape[-2])):
+        return "sdpa"
+    return "matmul" if q.shape[-2] * k.shape[-2] <= SHORT else "flash32"
+
+
+def attention(q, k, v, is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+    """q [B, H, L, d], k/v [B, H, S, d] -> [B, H, L, d], as F.scaled_dot_product_attention."""
+    kernel = kernel_for(q, k, is_causal, dropout_p)
+    if kernel == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout_p)
-    if q.shape[-2] * k.shape[-2] <= SHORT:
+    if kernel == "matmul":
         return MatmulAttention.apply(q, k, v, is_causal)
     with torch.autocast("cpu", enabled=False):  # autocast would cast the float32 inputs back
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=is_causal)
@@ -80,10 +89,19 @@ class Attention(TimmAttention):
         if attn_mask is not None or is_causal or self.gate is not None or not self.fused_attn:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        x = attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        if (kernel_for(qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2), False, dropout_p)
+                == "flash32" and isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)):
+            # one contiguous float32 cast of q, k and v together (three strided ones cost 3x), and
+            # the float32 output goes on to the projection, which autocast casts anyway
+            with torch.autocast("cpu", enabled=False):
+                q, k, v = qkv.float().permute(2, 0, 3, 1, 4).unbind(0)
+                x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            x = attention(q, k, v, dropout_p=dropout_p)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
         return self.proj_drop(self.proj(self.norm(x)))
 
