@@ -344,7 +344,9 @@ def forward_backward(model, loss_fn: LossFn, images, tgt, *, micro: int, weight:
 
 def optimizer_step(model, optimizer, scheduler, grad_clip: float) -> float:
     """Clip, update, advance the schedule, clear gradients. Returns the gradient norm."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    # foreach: one fused norm and one scale over all gradients (PyTorch loops per tensor on CPU)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"),
+                                          foreach=True)
     optimizer.step()
     scheduler_step(scheduler)
     optimizer.zero_grad(set_to_none=True)
