@@ -83,7 +83,7 @@ def get_encoder(cfg) -> GridViT:
                         conv_layer=StdConv2dSame, norm_layer=group_norm_act)
     route_backbone(backbone)  # each block's last norm + shortcut + ReLU in one kernel (bf16 CPU)
     backbone.stem.conv.__class__ = StemConv  # same modules and state, channels-last on CPU
-    if isinstance(backbone.stem.get_submodule("pool"), MaxPool2dSame):
+    if isinstance(getattr(backbone.stem, "pool", None), MaxPool2dSame):
         backbone.stem.pool.__class__ = MaxPoolSame
     embed = partial(HybridEmbed, backbone=backbone)
     return GridViT(max_height=cfg.max_height, max_width=cfg.max_width,
