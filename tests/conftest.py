@@ -114,3 +114,40 @@ def restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@dataclass
+class HybridBatch:
+    """A tiny hybrid model (2-layer decoder) in training mode and one random batch."""
+    model: object
+    images: object
+    tgt: object
+
+    def bf16_step(self):
+        """One bf16-autocast loss and backward from zero gradients: (loss, gradients flattened)."""
+        import torch
+
+        self.model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = self.model(self.images, self.tgt)
+        loss.backward()
+        grads = [p.grad.flatten() for p in self.model.parameters() if p.grad is not None]
+        return loss.item(), torch.cat(grads)
+
+
+@pytest.fixture
+def hybrid_batch() -> HybridBatch:
+    import torch
+
+    from pix2tex.config import load_config
+    from pix2tex.models import get_model
+
+    cfg = load_config(REPO / "settings" / "config-tiny.yaml", [
+        "max_height=64", "max_width=128", "num_tokens=40", "dim=64", "num_layers=2", "heads=4",
+        "encoder_heads=4", "encoder_depth=1"])
+    torch.manual_seed(0)
+    model = get_model(cfg).train()
+    images = torch.randn(2, 1, 64, 128)
+    tgt = torch.randint(3, 40, (2, 14))
+    tgt[:, 0], tgt[:, -1] = 1, 2
+    return HybridBatch(model, images, tgt)

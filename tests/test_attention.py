@@ -4,10 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pix2tex.config import load_config
-from pix2tex.models import attention, get_model
-
-TINY = "settings/config-tiny.yaml"
+from pix2tex.models import attention
 
 
 def rel_err(a, ref):
@@ -42,17 +39,9 @@ def test_inference_and_float32_use_pytorch_sdpa_unchanged():
                            F.scaled_dot_product_attention(qb, kb, vb, is_causal=True))
 
 
-def test_model_routes_attention_and_keeps_x_transformers_results(monkeypatch):
+def test_model_routes_attention_and_keeps_x_transformers_results(monkeypatch, hybrid_batch):
     """The ViT blocks and every decoder attention call go through attention(); with the routing
     undone (x-transformers' and timm's own SDPA) the bf16 loss and gradients agree."""
-    cfg = load_config(TINY, ["max_height=64", "max_width=128", "num_tokens=40", "dim=64",
-                             "num_layers=2", "heads=4", "encoder_heads=4", "encoder_depth=1"])
-    torch.manual_seed(0)
-    model = get_model(cfg).train()
-    images = torch.randn(2, 1, 64, 128)
-    tgt = torch.randint(3, 40, (2, 14))
-    tgt[:, 0], tgt[:, -1] = 1, 2
-
     calls = []
     routed = attention.attention
 
@@ -60,21 +49,14 @@ def test_model_routes_attention_and_keeps_x_transformers_results(monkeypatch):
         calls.append((tuple(q.shape), tuple(k.shape), is_causal))
         return routed(q, k, v, is_causal=is_causal, dropout_p=dropout_p)
 
-    def step():
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(images, tgt)
-        loss.backward()
-        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
     monkeypatch.setattr(attention, "attention", counting)
-    loss, grads = step()
+    loss, grads = hybrid_batch.bf16_step()
     # 1 encoder block + 2 decoder layers x (causal self-attention, cross-attention)
     assert sum(1 for _, _, c in calls if c) == 2 and len(calls) == 5
     monkeypatch.setattr(attention, "attention",
                         lambda q, k, v, is_causal=False, dropout_p=0.0:
                         F.scaled_dot_product_attention(q, k, v, is_causal=is_causal))
-    loss_ref, grads_ref = step()
+    loss_ref, grads_ref = hybrid_batch.bf16_step()
     assert abs(loss - loss_ref) < 1e-2 * abs(loss_ref)
     assert rel_err(grads, grads_ref.double()) < 0.05
 

@@ -4,11 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pix2tex.config import load_config
-from pix2tex.models import fused_norm, get_model
+from pix2tex.models import fused_norm
 from pix2tex.models.fused_norm import GroupNormAct, group_norm_act
-
-TINY = "settings/config-tiny.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -73,34 +70,20 @@ def test_module_keeps_timm_parameters_and_falls_back_outside_bf16_cpu(kernel):
     assert rel_err(ours(xb), timm_norm.double()(xb.double()).detach()) < 5e-3
 
 
-def test_backbone_trains_channels_last_with_the_kernel_and_without_it(kernel):
+def test_backbone_trains_channels_last_with_the_kernel_and_without_it(kernel, hybrid_batch):
     """One bf16 training step of the tiny hybrid model with and without the kernel: same loss and
     gradients up to bf16 rounding, and the kernel's backbone runs channels-last."""
-    cfg = load_config(TINY, ["max_height=64", "max_width=128", "num_tokens=40", "dim=64",
-                             "num_layers=1", "heads=4", "encoder_heads=4", "encoder_depth=1"])
-    torch.manual_seed(0)
-    model = get_model(cfg).train()
-    images = torch.randn(3, 1, 64, 128)
-    tgt = torch.randint(3, 40, (3, 12))
-    tgt[:, 0], tgt[:, -1] = 1, 2
+    def features():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return hybrid_batch.model.encoder.patch_embed.backbone(hybrid_batch.images)
 
-    def step():
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            features = model.encoder.patch_embed.backbone(images)
-            loss = model(images, tgt)
-        loss.backward()
-        return features, loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
-    features, loss, grads = step()
-    assert features.is_contiguous(memory_format=torch.channels_last)
+    assert features().is_contiguous(memory_format=torch.channels_last)
+    loss, grads = hybrid_batch.bf16_step()
     kernel_module, fused_norm._kernel = fused_norm._kernel, None
     try:
-        features_ref, loss_ref, grads_ref = step()
+        assert not features().is_contiguous(memory_format=torch.channels_last)
+        loss_ref, grads_ref = hybrid_batch.bf16_step()
     finally:
         fused_norm._kernel = kernel_module
-    assert not features_ref.is_contiguous(memory_format=torch.channels_last)
     assert abs(loss - loss_ref) < 1e-2 * abs(loss_ref)
-    total = torch.cat([g.flatten() for g in grads]).double()
-    total_ref = torch.cat([g.flatten() for g in grads_ref]).double()
-    assert rel_err(total, total_ref) < 0.05  # bf16 through a dozen layers, both ways
+    assert rel_err(grads, grads_ref.double()) < 0.05  # bf16 through a dozen layers, both ways
