@@ -90,16 +90,16 @@ class Attention(TimmAttention):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         dropout_p = self.attn_drop.p if self.training else 0.0
-        if (kernel_for(qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2), False, dropout_p)
-                == "flash32" and isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)):
+        if (kernel_for(q, k, dropout_p=dropout_p) == "flash32"
+                and isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)):
             # one contiguous float32 cast of q, k and v together (three strided ones cost 3x), and
             # the float32 output goes on to the projection, which autocast casts anyway
             with torch.autocast("cpu", enabled=False):
                 q, k, v = qkv.float().permute(2, 0, 3, 1, 4).unbind(0)
                 x = F.scaled_dot_product_attention(q, k, v)
         else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             q, k = self.q_norm(q), self.k_norm(k)
             x = attention(q, k, v, dropout_p=dropout_p)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)

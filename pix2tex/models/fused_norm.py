@@ -10,8 +10,8 @@ the ReLU that end each block into the kernel.
 The kernel (csrc/group_norm_nhwc.cpp) is compiled on first `load()` with torch.utils.cpp_extension
 (about 30 s, cached under ~/.cache/torch_extensions) and needs a C++ compiler with OpenMP. Training
 on CPU in bf16 calls `load()`; where it cannot build, or with PIX2TEX_FUSED_NORM=0, the model keeps
-PyTorch's GroupNorm in NCHW and gives the same results, about 1.3x slower per step. Weights and state dicts are those of
-timm's GroupNormAct, so checkpoints do not depend on it.
+PyTorch's GroupNorm in NCHW and gives the same results, about 1.3x slower per step. Weights and
+state dicts are those of timm's GroupNormAct, so checkpoints do not depend on it.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ def backbone_reduction(backbone_layers) -> int:
     return 2 ** (len(backbone_layers) + 1)
 
 
-def group_norm_act(num_channels: int, **kwargs) -> GroupNormAct:
+def norm_layer(num_channels: int, **kwargs) -> GroupNormAct:
     """ResNetV2's norm layer (32 groups). A plain function: timm passes those through unchanged."""
     return GroupNormAct(num_channels, num_groups=32, **kwargs)
 
@@ -80,7 +80,7 @@ def get_encoder(cfg) -> GridViT:
                          f"feature stride of backbone_layers={list(cfg.backbone_layers)}")
     backbone = ResNetV2(layers=list(cfg.backbone_layers), num_classes=0, global_pool='',
                         in_chans=cfg.channels, preact=False, stem_type='same',
-                        conv_layer=StdConv2dSame, norm_layer=group_norm_act)
+                        conv_layer=StdConv2dSame, norm_layer=norm_layer)
     route_backbone(backbone)  # each block's last norm + shortcut + ReLU in one kernel (bf16 CPU)
     backbone.stem.conv.__class__ = StemConv  # same modules and state, channels-last on CPU
     if isinstance(getattr(backbone.stem, "pool", None), MaxPool2dSame):
