@@ -47,6 +47,7 @@ from pix2tex.checkpoint import (CheckpointError, check_compatible, load_checkpoi
                                 rng_state, save_checkpoint, set_rng_state)
 from pix2tex.config import ConfigError, load_config, to_dict
 from pix2tex.fileio import file_sha256
+from pix2tex.malloc import keep_freed_memory
 from pix2tex.models import fused_norm
 
 # Metrics where a smaller value is better; every other one is maximized.
@@ -101,6 +102,8 @@ def setup_runtime(cfg) -> Runtime:
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     amp = torch.bfloat16 if precision == "bf16" else None
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults on every step's activations (pix2tex/malloc.py)
     if device.type == "cpu" and amp is not None:
         fused_norm.load()  # channels-last backbone with a fused GroupNorm kernel (or PyTorch's, slower)
     return Runtime(device, amp, rank, world)
