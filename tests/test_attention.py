@@ -11,11 +11,13 @@ def rel_err(a, ref):
     return ((a.double() - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("L,S,causal", [(30, 30, True), (30, 70, False), (150, 150, False)])
-def test_attention_matches_sdpa_in_float64(L, S, causal):
-    """(30, 30) and (30, 70): the matmul kernel; (150, 150): float32 flash."""
+@pytest.mark.parametrize("L,S,causal,kernel", [(30, 30, True, "matmul"), (30, 70, False, "matmul"),
+                                                (150, 150, False, "matmul"),
+                                                (300, 300, False, "flash32")])
+def test_attention_matches_sdpa_in_float64(L, S, causal, kernel):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, n, 16).bfloat16() for n in (L, S, S))
+    assert attention.kernel_for(q, k, causal) == kernel
     dout = torch.randn(2, 4, L, 16).bfloat16()
     qb, kb, vb = (t.clone().requires_grad_() for t in (q, k, v))
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -396,3 +396,24 @@ def test_hybrid_stem_runs_channels_last_with_the_same_function():
         y, ref = ours(x), timm_conv(x)
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("kernel,stride", [(1, 1), (3, 1), (3, 2), (1, 2)])
+def test_std_conv_is_timms_weight_standardized_conv(kernel, stride):
+    """The layer-norm form of the weight standardization: timm's outputs and gradients."""
+    from timm.layers import StdConv2dSame
+
+    from pix2tex.models.hybrid import StdConv
+
+    torch.manual_seed(0)
+    ours = StdConv(16, 24, kernel_size=kernel, stride=stride)
+    ours.weight.data.mul_(3).add_(0.5)  # filters far from standardized already
+    timm_conv = StdConv2dSame(16, 24, kernel_size=kernel, stride=stride)
+    timm_conv.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 16, 20, 33)
+    y, ref = ours(x), timm_conv(x)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)  # float32, another summation order
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(ours.weight.grad, timm_conv.weight.grad, rtol=1e-4, atol=1e-5)

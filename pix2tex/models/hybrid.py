@@ -43,18 +43,36 @@ def channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-class StemConv(StdConv2dSame):
-    """timm's weight-standardized 'same' conv; on the channels-last CPU path (fused_norm) its
-    one-channel input and its weights are handed to mkldnn as channels-last."""
+def standardized_weight(conv) -> torch.Tensor:
+    """timm's weight standardization (each filter to zero mean and unit biased variance, eps
+    added) as a layer norm over each filter: the function timm computes with batch_norm, and
+    PyTorch's CPU layer norm is faster (forward + backward over this backbone's 9.3M conv weights,
+    once per training step: 28 -> 18 ms)."""
+    w = conv.weight
+    return F.layer_norm(w.reshape(w.shape[0], -1), (w[0].numel(),), eps=conv.eps).reshape_as(w)
+
+
+class StdConv(StdConv2dSame):
+    """timm's weight-standardized 'same' conv (same parameters and state dict), standardizing
+    with `standardized_weight`."""
+
+    def forward(self, x):
+        if self.same_pad:
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        return F.conv2d(x, standardized_weight(self), self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+
+class StemConv(StdConv):
+    """The stem's conv; on the channels-last CPU path (fused_norm) its one-channel input and its
+    weights are handed to mkldnn as channels-last."""
 
     def forward(self, x):
         if not (fused_norm.available() and x.device.type == "cpu" and not fused_norm.tracing()):
             return super().forward(x)
         x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
-                              training=True, momentum=0.0, eps=self.eps).reshape_as(self.weight)
-        return F.conv2d(channels_last(x), channels_last(weight), self.bias, self.stride,
-                        self.padding, self.dilation, self.groups)
+        return F.conv2d(channels_last(x), channels_last(standardized_weight(self)), self.bias,
+                        self.stride, self.padding, self.dilation, self.groups)
 
 
 class MaxPoolSame(MaxPool2dSame):
@@ -80,7 +98,7 @@ def get_encoder(cfg) -> GridViT:
                          f"feature stride of backbone_layers={list(cfg.backbone_layers)}")
     backbone = ResNetV2(layers=list(cfg.backbone_layers), num_classes=0, global_pool='',
                         in_chans=cfg.channels, preact=False, stem_type='same',
-                        conv_layer=StdConv2dSame, norm_layer=norm_layer)
+                        conv_layer=StdConv, norm_layer=norm_layer)
     route_backbone(backbone)  # each block's last norm + shortcut + ReLU in one kernel (bf16 CPU)
     backbone.stem.conv.__class__ = StemConv  # same modules and state, channels-last on CPU
     if isinstance(getattr(backbone.stem, "pool", None), MaxPool2dSame):

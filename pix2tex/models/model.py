@@ -68,8 +68,7 @@ def fold_weight_standardization(module: nn.Module) -> nn.Module:
         for name, conv in list(parent.named_children()):
             if not isinstance(conv, StdConv2dSame):
                 continue
-            w = F.batch_norm(conv.weight.reshape(1, conv.out_channels, -1), None, None,
-                             training=True, momentum=0.0, eps=conv.eps).reshape_as(conv.weight)
+            w = hybrid.standardized_weight(conv)
             if conv.same_pad:
                 plain = Conv2dSame(conv.in_channels, conv.out_channels, conv.kernel_size,
                                    conv.stride, 0, conv.dilation, conv.groups,
