@@ -5,7 +5,8 @@
 // Why: mkldnn runs bf16 convolutions 4-6x faster on channels-last tensors than on NCHW ones (which
 // it converts to and from on every call), but PyTorch's own channels-last GroupNorm kernels are
 // 2-4x slower than its NCHW ones (worst with 2 channels per group). Here each direction is two
-// passes over memory: forward reads x for the per-channel sums, then reads x and writes y; backward
+// passes: forward reads x for the per-channel sums, then reads x and writes y (a sample at a time,
+// so the second read comes from the core's cache where the sample fits); backward
 // reads (x, dy) for the per-channel sums, then reads them again and writes dx. The ReLU mask is
 // recomputed from x in the backward pass instead of being stored.
 //
@@ -80,23 +81,21 @@ void forward_impl(const Plan& p, const uint16_t* x, const uint16_t* res, const f
   for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < C; ++c) pivot[n * C + c] = to_float(x[n * HW * C + c]);
   std::vector<float> sum(N * K * C), sumsq(N * K * C);
-  at::parallel_for(0, N * K, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / K, k = t % K;
-      const float* __restrict__ piv = &pivot[n * C];
-      float* __restrict__ s1 = &sum[t * C];
-      float* __restrict__ s2 = &sumsq[t * C];
-      for (int64_t i = p.row_begin(k); i < p.row_end(k); ++i) {
-        const uint16_t* __restrict__ row = x + (n * HW + i) * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const float d = to_float(row[c]) - piv[c];
-          s1[c] += d;
-          s2[c] += d * d;
-        }
+  auto pass1 = [&](int64_t t) {  // task t = (sample n, chunk of rows k)
+    const int64_t n = t / K, k = t % K;
+    const float* __restrict__ piv = &pivot[n * C];
+    float* __restrict__ s1 = &sum[t * C];
+    float* __restrict__ s2 = &sumsq[t * C];
+    for (int64_t i = p.row_begin(k); i < p.row_end(k); ++i) {
+      const uint16_t* __restrict__ row = x + (n * HW + i) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const float d = to_float(row[c]) - piv[c];
+        s1[c] += d;
+        s2[c] += d * d;
       }
     }
-  });
-  for (int64_t n = 0; n < N; ++n) {
+  };
+  auto sample_stats = [&](int64_t n) {  // mean and rstd of sample n's groups
     for (int64_t g = 0; g < G; ++g) {
       double total = 0;
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
@@ -119,22 +118,38 @@ void forward_impl(const Plan& p, const uint16_t* x, const uint16_t* res, const f
       mean[n * G + g] = static_cast<float>(m);
       rstd[n * G + g] = static_cast<float>(1.0 / std::sqrt(var + eps));
     }
+  };
+  auto pass2 = [&](int64_t t, float* scale, float* shift) {
+    const int64_t n = t / K, k = t % K;
+    affine(p, n, weight, bias, mean, rstd, scale, shift);
+    const float* __restrict__ a = scale;
+    const float* __restrict__ b = shift;
+    for (int64_t i = p.row_begin(k); i < p.row_end(k); ++i) {
+      const int64_t at = (n * HW + i) * C;
+      if (res && relu) apply_row<true, true>(x + at, res + at, a, b, y + at, C);
+      else if (res) apply_row<false, true>(x + at, res + at, a, b, y + at, C);
+      else if (relu) apply_row<true, false>(x + at, nullptr, a, b, y + at, C);
+      else apply_row<false, false>(x + at, nullptr, a, b, y + at, C);
+    }
+  };
+  if (K == 1) {  // a task per sample: pass 2 re-reads it from this core's cache, not from memory
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scale(C), shift(C);
+      for (int64_t n = begin; n < end; ++n) {
+        pass1(n);
+        sample_stats(n);
+        pass2(n, scale.data(), shift.data());
+      }
+    });
+    return;
   }
   at::parallel_for(0, N * K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) pass1(t);
+  });
+  for (int64_t n = 0; n < N; ++n) sample_stats(n);
+  at::parallel_for(0, N * K, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scale(C), shift(C);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / K, k = t % K;
-      affine(p, n, weight, bias, mean, rstd, scale.data(), shift.data());
-      const float* __restrict__ a = scale.data();
-      const float* __restrict__ b = shift.data();
-      for (int64_t i = p.row_begin(k); i < p.row_end(k); ++i) {
-        const int64_t at = (n * HW + i) * C;
-        if (res && relu) apply_row<true, true>(x + at, res + at, a, b, y + at, C);
-        else if (res) apply_row<false, true>(x + at, res + at, a, b, y + at, C);
-        else if (relu) apply_row<true, false>(x + at, nullptr, a, b, y + at, C);
-        else apply_row<false, false>(x + at, nullptr, a, b, y + at, C);
-      }
-    }
+    for (int64_t t = begin; t < end; ++t) pass2(t, scale.data(), shift.data());
   });
 }
 
