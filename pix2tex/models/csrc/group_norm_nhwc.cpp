@@ -33,6 +33,27 @@ inline void store(uint16_t* p, float v) {  // float -> bfloat16, round to neares
   *p = std::isnan(v) ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
 }
 
+// Software prefetch of the rows kAhead rows on within a task (each cache line of the given
+// streams, interleaved): the rows stream from memory and the hardware prefetcher alone leaves the
+// loops waiting on it (the norms of a 192x512 training step: forward ~25 % faster, backward ~10 %).
+// Forced inline: called, it left the forward as slow as with no prefetch at all.
+constexpr int64_t kAhead = 8;
+#if defined(__GNUC__)
+__attribute__((always_inline))
+#endif
+inline void prefetch_ahead(int64_t i, int64_t end, int64_t C, const uint16_t* a,
+                           const uint16_t* b = nullptr, const uint16_t* c = nullptr) {
+#if defined(__GNUC__)
+  if (i + kAhead >= end) return;
+  const int64_t off = kAhead * C;
+  for (int64_t j = 0; j < C; j += 32) {
+    __builtin_prefetch(a + off + j);
+    if (b) __builtin_prefetch(b + off + j);
+    if (c) __builtin_prefetch(c + off + j);
+  }
+#endif
+}
+
 struct Plan {
   int64_t N, HW, C, G, chunks;
   Plan(const at::Tensor& x, int64_t groups) {
@@ -88,6 +109,7 @@ void forward_impl(const Plan& p, const uint16_t* x, const uint16_t* res, const f
     float* __restrict__ s2 = &sumsq[t * C];
     for (int64_t i = p.row_begin(k); i < p.row_end(k); ++i) {
       const uint16_t* __restrict__ row = x + (n * HW + i) * C;
+      prefetch_ahead(i, p.row_end(k), C, row);
       for (int64_t c = 0; c < C; ++c) {
         const float d = to_float(row[c]) - piv[c];
         s1[c] += d;
@@ -126,6 +148,7 @@ void forward_impl(const Plan& p, const uint16_t* x, const uint16_t* res, const f
     const float* __restrict__ b = shift;
     for (int64_t i = p.row_begin(k); i < p.row_end(k); ++i) {
       const int64_t at = (n * HW + i) * C;
+      prefetch_ahead(i, p.row_end(k), C, x + at, res ? res + at : nullptr);
       if (res && relu) apply_row<true, true>(x + at, res + at, a, b, y + at, C);
       else if (res) apply_row<false, true>(x + at, res + at, a, b, y + at, C);
       else if (relu) apply_row<true, false>(x + at, nullptr, a, b, y + at, C);
@@ -214,6 +237,7 @@ void backward_impl(const Plan& p, const uint16_t* dy, const uint16_t* x, const u
       float* __restrict__ s2 = &sum_gx[t * C];
       for (int64_t i = p.row_begin(k); i < p.row_end(k); ++i) {
         const int64_t at = (n * HW + i) * C;
+        prefetch_ahead(i, p.row_end(k), C, x + at, dy + at, res ? res + at : nullptr);
         if (res && relu) sums_row<true, true>(x + at, dy + at, res + at, a, b, m, s1, s2, C);
         else if (relu) sums_row<true, false>(x + at, dy + at, nullptr, a, b, m, s1, s2, C);
         else sums_row<false, false>(x + at, dy + at, nullptr, a, b, m, s1, s2, C);
@@ -265,6 +289,7 @@ void backward_impl(const Plan& p, const uint16_t* dy, const uint16_t* x, const u
       const float* __restrict__ qq = qc.data();
       for (int64_t i = p.row_begin(k); i < p.row_end(k); ++i) {
         const int64_t at = (n * HW + i) * C;
+        prefetch_ahead(i, p.row_end(k), C, x + at, dy + at, res ? res + at : nullptr);
         if (res && relu)
           grad_row<true, true>(x + at, dy + at, res + at, a, b, pp, qq, dx + at, dres + at, C);
         else if (res)
