@@ -104,8 +104,8 @@ def setup_runtime(cfg) -> Runtime:
     amp = torch.bfloat16 if precision == "bf16" else None
     if device.type == "cpu":
         keep_freed_memory()  # no page faults on every step's activations (pix2tex/malloc.py)
-    if device.type == "cpu" and amp is not None:
-        fused_norm.load()  # channels-last backbone with a fused GroupNorm kernel (or PyTorch's, slower)
+        if amp is not None:
+            fused_norm.load()  # channels-last backbone with a fused GroupNorm kernel (or PyTorch's)
     return Runtime(device, amp, rank, world)
 
 

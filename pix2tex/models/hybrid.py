@@ -59,20 +59,20 @@ class StdConv(StdConv2dSame):
     def forward(self, x):
         if self.same_pad:
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-        return F.conv2d(x, standardized_weight(self), self.bias, self.stride, self.padding,
-                        self.dilation, self.groups)
+        return self.conv(x, standardized_weight(self))
+
+    def conv(self, x, weight):
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class StemConv(StdConv):
     """The stem's conv; on the channels-last CPU path (fused_norm) its one-channel input and its
     weights are handed to mkldnn as channels-last."""
 
-    def forward(self, x):
-        if not (fused_norm.available() and x.device.type == "cpu" and not fused_norm.tracing()):
-            return super().forward(x)
-        x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-        return F.conv2d(channels_last(x), channels_last(standardized_weight(self)), self.bias,
-                        self.stride, self.padding, self.dilation, self.groups)
+    def conv(self, x, weight):
+        if fused_norm.available() and x.device.type == "cpu" and not fused_norm.tracing():
+            x, weight = channels_last(x), channels_last(weight)
+        return super().conv(x, weight)
 
 
 class MaxPoolSame(MaxPool2dSame):
