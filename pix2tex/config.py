@@ -55,6 +55,9 @@ DEFAULTS: dict[str, Any] = {
     "precision": "auto",  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     "compile": False,  # torch.compile the model
     "inference_precision": "auto",  # generate(): auto | fp32 | bf16 | int8 (models/model.py resolve_precision)
+    # validation, eval.py and pseudo-labels decode in this precision: fp32 by default, so scores,
+    # best.pth and a teacher's labels do not depend on the CPU (auto is int8 on AMX CPUs)
+    "eval_precision": "fp32",
     "epochs": 10,
     "max_steps": 0,  # stop after this many optimizer steps (0: no limit)
     "batchsize": 10,  # samples per optimizer step (global, over all DDP ranks)
@@ -65,7 +68,10 @@ DEFAULTS: dict[str, Any] = {
     "scheduler": {"name": "none",  # none | onecycle | cosine | step | multistep
                   "warmup_steps": 0, "pct_start": 0.3, "step_size": 30, "gamma": 0.9995,
                   "milestones": [], "min_lr": 0.0,
-                  "total_steps": 0},  # schedule length (0: max_steps, else all epochs)
+                  "total_steps": 0,  # schedule length (0: max_steps, else all epochs)
+                  # cosine only: restart every cycle_steps (warm restarts; 0: one cosine), each
+                  # cycle's peak LR cycle_decay times the one before
+                  "cycle_steps": 0, "cycle_decay": 1.0},
     "grad_clip": 1.0,  # max gradient norm (0: no clipping)
     "sample_freq": 1000,  # validate every this many steps (and at each epoch end and max_steps)
     "save_freq": 0,  # also save `last.pth` every this many steps (0: at validations only)
@@ -237,6 +243,16 @@ def _check(cfg: dict, where: str) -> None:
     if sched not in ("none", "onecycle", "cosine", "step", "multistep"):
         raise ConfigError(f"{where}: scheduler.name must be none, onecycle, cosine, step or "
                           f"multistep, got {sched!r}")
+    if cfg["eval_precision"] not in ("auto", "fp32", "bf16", "int8"):
+        raise ConfigError(f"{where}: eval_precision must be fp32, bf16, int8 or auto, "
+                          f"got {cfg['eval_precision']!r}")
+    if cfg["scheduler"]["cycle_steps"] < 0 or cfg["scheduler"]["cycle_decay"] <= 0:
+        raise ConfigError(f"{where}: scheduler.cycle_steps must be >= 0 and scheduler.cycle_decay "
+                          f"> 0, got {cfg['scheduler']['cycle_steps']} and "
+                          f"{cfg['scheduler']['cycle_decay']}")
+    if cfg["scheduler"]["cycle_steps"] and sched != "cosine":
+        raise ConfigError(f"{where}: scheduler.cycle_steps (warm restarts) needs scheduler.name: "
+                          f"cosine, got {sched!r}")
     mb = cfg["micro_batchsize"]
     if mb not in (-1, None) and (mb <= 0 or cfg["batchsize"] % mb):
         raise ConfigError(f"{where}: micro_batchsize={mb} must divide batchsize={cfg['batchsize']}")

@@ -39,11 +39,13 @@ def prepare_dataset(dataset, cfg, batchsize: int):
 def evaluate(model, dataset, tokenizer, *, beam_width: int = 1, temperature: float = 0.0,
              max_batches: int | None = None, device="cpu", image_match: bool = False,
              progress: bool = True, max_len: int | None = None, seed: int = 0,
-             render_dir: str | None = None, workers: int | None = None) -> tuple[dict, list[dict]]:
+             render_dir: str | None = None, workers: int | None = None,
+             precision: str = "fp32") -> tuple[dict, list[dict]]:
     """Predict every batch of `dataset.batch_plan(0)` (the first `max_batches`), then score.
 
     The ground truth is the dataset's formula (not a tokenizer round trip). Sampling
-    (temperature > 0) draws from a generator seeded with `seed`, so a run repeats.
+    (temperature > 0) draws from a generator seeded with `seed`, so a run repeats. `precision`
+    is what decodes (fp32 by default, so the scores do not depend on the CPU's int8/bf16 units).
     Returns (metrics as `metrics.compute_metrics`, one record per sample: `image`,
     `ground_truth`, `prediction`, `edit_distance` and, with image match, `image_match`).
     """
@@ -61,7 +63,7 @@ def evaluate(model, dataset, tokenizer, *, beam_width: int = 1, temperature: flo
     for b, batch in enumerate(tqdm(plan, desc="eval", unit="batch", disable=not progress)):
         images, _ = dataset.load_batch(batch, 0, b)
         ids = model.generate(images.to(device), max_len=max_len, temperature=temperature,
-                             beam_width=beam_width, generator=generator)
+                             beam_width=beam_width, generator=generator, precision=precision)
         preds += tokenizer.decode_batch(ids.tolist())
         indices += list(batch)
     refs = [dataset.formula(i) for i in indices]
@@ -150,6 +152,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-batches", type=int, help="evaluate only the first N batches")
     p.add_argument("--output", help="output folder (default: <output_path>/eval)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: the config's device)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8", "auto"),
+                   help="decoding precision (default: the config's eval_precision, fp32); int8 and "
+                        "bf16 are faster on some CPUs but change outputs slightly")
     p.add_argument("--image-match", action="store_true",
                    help="also render predictions and references and compare the images (slow)")
     p.add_argument("--workers", type=int, help="rendering processes for --image-match")
@@ -236,13 +241,15 @@ def run_model(args) -> tuple[dict, list[dict], dict]:
         raise ConfigError(f"{data_path}: no sample fits max_seq_len={cfg.max_seq_len} and images "
                           f"within {cfg.max_width}x{cfg.max_height}")
     temperature = args.temperature
+    precision = args.precision or cfg.eval_precision
     scores, records = evaluate(model, dataset, tokenizer, beam_width=args.beam_width,
                                temperature=temperature, max_batches=args.num_batches, device=device,
                                image_match=args.image_match, progress=not args.no_progress,
-                               max_len=cfg.max_seq_len, seed=cfg.seed, workers=args.workers)
+                               max_len=cfg.max_seq_len, seed=cfg.seed, workers=args.workers,
+                               precision=precision)
     settings = {"checkpoint": checkpoint, "data": data_path, "tokenizer": tok_path,
                 "beam_width": args.beam_width, "temperature": temperature, "batchsize": batchsize,
-                "num_batches": args.num_batches, "device": str(device),
+                "num_batches": args.num_batches, "device": str(device), "precision": precision,
                 "samples_in_data": len(dataset.samples), "samples_fitting": len(dataset.indices),
                 "output": args.output or os.path.join(cfg.output_path, "eval")}
     return scores, records, settings
@@ -269,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         mode = (f"beam search (width {settings['beam_width']})" if settings["beam_width"] > 1 else
                 "greedy" if settings["temperature"] <= 0 else f"sampling (T={settings['temperature']})")
         print(f"{settings['checkpoint']} on {settings['data']}: {scores['n']} samples, {mode}, "
-              f"{time.time() - start:.1f}s")
+              f"{settings['precision']}, {time.time() - start:.1f}s")
     else:
         print(f"{settings['predictions']} vs {settings['references']}: {scores['n']} samples")
     print(format_table(scores))

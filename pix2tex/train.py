@@ -176,7 +176,10 @@ def total_steps(cfg, steps_per_epoch: int) -> int:
 
 def build_scheduler(cfg, optimizer: torch.optim.Optimizer, steps: int):
     """The LR schedule, stepped once per optimizer step. `warmup_steps` ramps the LR up linearly
-    for none/cosine/step/multistep; onecycle has its own warm-up (`pct_start`)."""
+    for none/cosine/step/multistep; onecycle has its own warm-up (`pct_start`). Cosine with
+    `cycle_steps` restarts (warm-up, then cosine to min_lr) every cycle_steps: a run trained in
+    legs of whole cycles ends every leg at the bottom of its cycle, and the LR is a pure function
+    of the step, so `--resume` with a larger max_steps simply goes on."""
     s = cfg.scheduler
     if s.name == "onecycle":
         # torch divides by the length of each phase: keep both at least two steps long.
@@ -187,11 +190,16 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, steps: int):
     warmup, min_ratio = int(s.warmup_steps), (s.min_lr / cfg.optimizer.lr if cfg.optimizer.lr else 0.0)
     milestones = sorted(s.milestones or [])
 
+    cycle = int(s.cycle_steps)
+
     def factor(step: int) -> float:
+        peak, end = 1.0, steps
+        if cycle:  # warm restarts: each cycle a warm-up and a cosine whose last step is min_lr
+            peak, step, end = s.cycle_decay ** (step // cycle), step % cycle, cycle - 1
         ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
         if s.name == "cosine":
-            progress = min(1.0, max(0, step - warmup) / max(1, steps - warmup))
-            return ramp * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+            progress = min(1.0, max(0, step - warmup) / max(1, end - warmup))
+            return ramp * (min_ratio + (peak - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
         if s.name == "step":
             return ramp * s.gamma ** (step // s.step_size)
         if s.name == "multistep":
@@ -361,9 +369,9 @@ def optimizer_step(model, optimizer, scheduler, grad_clip: float) -> float:
 @torch.no_grad()
 def validate(model, data, tokenizer, cfg, rt: Runtime, max_batches: int,
              should_stop: Callable[[], bool] = lambda: False) -> dict | None:
-    """Validation loss, and BLEU / edit distance / token accuracy of greedy (or beam) generation,
-    on `max_batches` validation batches spread over all image sizes. None when interrupted by a
-    stop request."""
+    """Validation loss, and BLEU / edit distance / token accuracy of greedy (or beam) generation
+    decoded in `eval_precision`, on `max_batches` validation batches spread over all image sizes.
+    None when interrupted by a stop request."""
     from pix2tex.metrics import compute_metrics
 
     was_training = model.training
@@ -388,11 +396,12 @@ def validate(model, data, tokenizer, cfg, rt: Runtime, max_batches: int,
                 images, tgt = images.to(rt.device), tgt.to(rt.device)
                 with rt.autocast():
                     loss = model(images, tgt)
-                    # An untrained model rarely emits EOS: past twice the reference length a
-                    # prediction cannot score better, so stop there instead of at max_seq_len.
-                    max_len = min(cfg.max_seq_len, 2 * tgt.shape[1] + 8)
-                    ids = model.generate(images, max_len=max_len, temperature=0.0,
-                                         beam_width=cfg.val_beam_width)
+                # An untrained model rarely emits EOS: past twice the reference length a
+                # prediction cannot score better, so stop there instead of at max_seq_len.
+                # Outside autocast: eval_precision (fp32 by default) is what decodes, on any CPU.
+                max_len = min(cfg.max_seq_len, 2 * tgt.shape[1] + 8)
+                ids = model.generate(images, max_len=max_len, temperature=0.0,
+                                     beam_width=cfg.val_beam_width, precision=cfg.eval_precision)
                 n = target_tokens(tgt, cfg.pad_token)
                 loss_sum += float(loss) * n
                 tokens += n

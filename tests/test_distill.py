@@ -261,6 +261,10 @@ def test_pseudo_label_pkl_holds_the_teachers_beam_outputs(bs_labels, teacher, ti
     check_pseudo_labels(out, model_digest(t_model))
     with pytest.raises(ValueError, match="another teacher"):
         check_pseudo_labels(out, "0" * 64)
+    # decoded in fp32 by default (the same labels on every CPU), and that is part of their identity
+    assert meta["precision"] == "fp32"
+    with pytest.raises(ValueError, match="decoded by the teacher in fp32, but eval_precision is int8"):
+        check_pseudo_labels(out, model_digest(t_model), "int8")
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -153,3 +153,23 @@ def test_score_files_without_model(tmp_path):
     res = subprocess.run([sys.executable, "-m", "pix2tex.eval", "--predictions", pred, "--references", ref],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "3 lines" in res.stderr and "ref.txt has 2" in res.stderr
+
+
+def test_scores_decode_in_fp32_whatever_the_inference_precision(checkpoint, tiny_data, tmp_path, capsys):
+    """eval.py decodes in eval_precision (fp32) by default, so its scores do not follow the
+    model's inference_precision (int8 on AMX CPUs under 'auto'); --precision asks for another one
+    and the output names it."""
+    runs = {}
+    for name, extra in (("plain", []), ("int8_model", ["inference_precision=int8"])):
+        code, out, err = run_main(["--checkpoint", checkpoint, "--data", tiny_data.val_pkl, "--batchsize", 4,
+                                   "--output", tmp_path / name, "--no-progress", *extra], capsys)
+        assert code == 0, err
+        assert ", fp32," in out
+        report = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert report["settings"]["precision"] == "fp32"
+        runs[name] = [r["prediction"] for r in read_tsv(tmp_path / name / "predictions.tsv")]
+    assert runs["plain"] == runs["int8_model"]
+    code, out, err = run_main(["--checkpoint", checkpoint, "--data", tiny_data.val_pkl, "--batchsize", 4,
+                               "--output", tmp_path / "bf16", "--no-progress", "--precision", "bf16"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "bf16" / "metrics.json").read_text())["settings"]["precision"] == "bf16"

@@ -286,6 +286,15 @@ def test_schedules():
     cfg = load_config(None, ["optimizer.lr=1.0", "scheduler.name=step", "scheduler.step_size=2",
                              "scheduler.gamma=0.1"])
     assert lrs(cfg, 5) == [1.0, 1.0, 0.1, 0.1, 0.01]
+    # warm restarts: every cycle of 4 steps warms up and anneals to min_lr at its last step, its
+    # peak 0.5x the last one's
+    cfg = load_config(None, ["optimizer.lr=1.0", "scheduler.name=cosine", "scheduler.warmup_steps=1",
+                             "scheduler.min_lr=0.1", "scheduler.cycle_steps=4",
+                             "scheduler.cycle_decay=0.5"])
+    assert lrs(cfg, 12, 100) == pytest.approx([1.0, 1.0, 0.55, 0.1, 0.5, 0.5, 0.3, 0.1,
+                                               0.25, 0.25, 0.175, 0.1], abs=1e-6)
+    with pytest.raises(ConfigError, match="cycle_steps.*cosine"):
+        load_config(None, ["scheduler.name=onecycle", "scheduler.cycle_steps=4"])
     cfg = load_config(None, ["optimizer.lr=1.0", "scheduler=OneCycleLR"])  # LaTeX-OCR spelling
     got = lrs(cfg, 10, 10)
     assert max(got) == pytest.approx(1.0, rel=1e-3) and got[0] < 0.1 and got[-1] < 0.01

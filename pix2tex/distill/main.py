@@ -208,8 +208,9 @@ def export_student(run_dir: str, teacher_ckpt: str | None = None) -> str:
     return out
 
 
-def check_pseudo_labels(path: str, teacher_digest: str) -> None:
-    """Refuse pseudo labels that another teacher made (their sidecar .json records it)."""
+def check_pseudo_labels(path: str, teacher_digest: str, precision: str = "fp32") -> None:
+    """Refuse pseudo labels that another teacher made, or that it decoded in another precision
+    (their sidecar .json records both; labels from before the record were decoded in 'auto')."""
     from pix2tex.distill.pseudo_labels import sidecar_path
     meta_path = sidecar_path(path)
     if not os.path.isfile(meta_path):
@@ -221,6 +222,11 @@ def check_pseudo_labels(path: str, teacher_digest: str) -> None:
         raise ConfigError(f"{path} holds the beam outputs of another teacher (weights differ from "
                           f"distill.teacher_ckpt); delete it and remake it with "
                           f"`python -m pix2tex.distill.pseudo_labels`")
+    made_in = meta.get("precision", "auto")
+    if made_in != precision:
+        raise ConfigError(f"{path} was decoded by the teacher in {made_in}, but eval_precision is "
+                          f"{precision}: remake it (delete it and run `python -m "
+                          f"pix2tex.distill.pseudo_labels`) or set eval_precision={made_in}")
 
 
 def distill(cfg, resume: bool = False, echo=None, train_data=None, val_data=None) -> dict:
@@ -243,7 +249,7 @@ def distill(cfg, resume: bool = False, echo=None, train_data=None, val_data=None
         if not os.path.isfile(d.pseudo_labels):
             raise ConfigError(f"distill.pseudo_labels: {d.pseudo_labels} not found; make it with "
                               f"`python -m pix2tex.distill.pseudo_labels --config {cfg.config_path}`")
-        check_pseudo_labels(d.pseudo_labels, model_digest(teacher))
+        check_pseudo_labels(d.pseudo_labels, model_digest(teacher), cfg.eval_precision)
         train_data = Im2LatexDataset.load(d.pseudo_labels)
         cfg.data = d.pseudo_labels  # what the student trains on: named in messages and the checkpoint
 

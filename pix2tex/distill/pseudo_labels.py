@@ -11,8 +11,9 @@ Every sample of the training pkl that fits the teacher is decoded with beam sear
   longest ground-truth label, or --max-len) or ended empty are left out and counted.
 - `bs.lst`: those labels as text, one per line, in the pkl's sample order (the distillation seed's
   `new_BS_data.lst`).
-- `bs.json`: what made it: a digest of the teacher's weights, the source pkl, beam width, counts.
-  distill refuses pseudo labels made by another teacher.
+- `bs.json`: what made it: a digest of the teacher's weights, its decoding precision (fp32 by
+  default), the source pkl, beam width, counts. distill refuses pseudo labels made by another
+  teacher or in another precision than its `eval_precision`.
 
 Resumable: each finished batch is appended to `bs.pkl.partial` (a JSON line, flushed and synced);
 a restart with the same teacher, data and settings skips the batches already there. The pkl is
@@ -102,7 +103,7 @@ def labels_of(ids: torch.Tensor, eos: int) -> list:
 def make_pseudo_labels(teacher, data, out: str, *, beam_width: int = 5, batchsize: int = 16,
                        length_penalty: float = 1.0, device="cpu", min_dimensions=(32, 32),
                        max_len: int | None = None, progress: bool = False,
-                       max_new_batches: int | None = None) -> dict | None:
+                       max_new_batches: int | None = None, precision: str = "fp32") -> dict | None:
     """Decode `data` (an Im2LatexDataset) with the teacher's beam search and write `out` (pkl),
     its .lst and .json (see the module docstring). Returns the .json's content, or None when
     `max_new_batches` stopped the run early (the partial file then holds the progress).
@@ -110,7 +111,9 @@ def make_pseudo_labels(teacher, data, out: str, *, beam_width: int = 5, batchsiz
     `data` is decoded under the teacher's limits (max_seq_len, max image size); its settings are
     restored afterwards, and the new pkl keeps them. `max_len` caps the tokens of a label
     (default: twice the longest ground-truth label + 8, within max_seq_len): a beam that runs
-    longer is a loop, not a formula, and would hold its whole batch for hundreds of steps."""
+    longer is a loop, not a formula, and would hold its whole batch for hundreds of steps.
+    `precision` is what the teacher decodes in (fp32 by default: the same labels on every CPU); it
+    is recorded beside the teacher's digest, and distill refuses labels of another precision."""
     from pix2tex.dataset.dataset import Im2LatexDataset
 
     if beam_width < 1:
@@ -120,7 +123,8 @@ def make_pseudo_labels(teacher, data, out: str, *, beam_width: int = 5, batchsiz
     if max_len is None:
         max_len = 2 * max((len(t) for t in data.ids), default=0) + 8
     max_len = min(max_len, teacher.max_seq_len - 2) + 1  # + EOS; BOS + label + EOS fits max_seq_len
-    header = {"teacher": model_digest(teacher), "data": dataset_digest(data), "beam_width": beam_width,
+    header = {"teacher": model_digest(teacher), "precision": precision,
+              "data": dataset_digest(data), "beam_width": beam_width,
               "batchsize": batchsize, "length_penalty": length_penalty, "max_len": max_len,
               "min_dimensions": list(min_dimensions)}
     partial = out + ".partial"
@@ -146,7 +150,7 @@ def make_pseudo_labels(teacher, data, out: str, *, beam_width: int = 5, batchsiz
                     return None
                 images, _ = data.load_batch(plan[b], 0, b)
                 ids = teacher.generate(images.to(device), max_len=max_len, beam_width=beam_width,
-                                       length_penalty=length_penalty)
+                                       length_penalty=length_penalty, precision=precision)
                 done[b] = labels_of(ids.cpu(), teacher.eos)
                 f.write(json.dumps({"batch": b, "indices": list(plan[b]), "labels": done[b]}) + "\n")
                 f.flush()
@@ -200,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-len", type=int, help="longest label in tokens (default: twice the "
                                                "longest ground-truth label + 8)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: the config's device)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8", "auto"),
+                   help="the teacher's decoding precision (default: the config's eval_precision, fp32)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
 
@@ -227,12 +233,13 @@ def main(argv: list[str] | None = None) -> None:
                                   batchsize=args.batchsize or cfg.testbatchsize,
                                   length_penalty=args.length_penalty, device=device,
                                   max_len=args.max_len,
-                                  min_dimensions=(tcfg.min_width, tcfg.min_height), progress=True)
+                                  min_dimensions=(tcfg.min_width, tcfg.min_height), progress=True,
+                                  precision=args.precision or cfg.eval_precision)
     except (ConfigError, CheckpointError, DatasetError, TokenizerError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"{out}: {meta['samples']} of {meta['source_samples']} samples relabelled by the teacher "
-          f"(beam width {meta['beam_width']}; {meta['differ_from_ground_truth']} differ from the "
+          f"(beam width {meta['beam_width']}, {meta['precision']}; {meta['differ_from_ground_truth']} differ from the "
           f"ground truth; left out: {meta['unfinished']} without EOS, {meta['empty']} empty, "
           f"{meta['source_samples'] - meta['decoded']} outside the teacher's limits); labels also "
           f"in {meta['list']}")
