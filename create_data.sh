@@ -12,7 +12,8 @@ usage: ./create_data.sh [options]
   --formulas FILE...    build from these formula files instead (raw or normalized; normalized first)
   --test-formulas FILE  held-out test split from this file (normalized first) instead of a share of
                         the formulas; its formulas are removed from train/val (--split's third
-                        fraction is then ignored)
+                        fraction is then ignored). Without --formulas: a test-only set (no
+                        train/val), which needs --tokenizer (the model's)
   --out DIR             output folder (default: data/default in the repo)
   --num N               number of synthetic formulas (default 10000)
   --mean-tokens M       synthetic: mean formula length in LaTeX tokens (default 24)
@@ -21,6 +22,8 @@ usage: ./create_data.sh [options]
   --dpi LO HI           render resolution range (default 100 130)
   --fonts a,b           LaTeX font packages to draw from (default: the renderer's)
   --vocab-size N        BPE vocabulary size (default 8000)
+  --tokenizer FILE      use this tokenizer.json (copied to DIR/tokenizer.json) instead of training
+                        one: e.g. models/tokenizer.json to build data for the shipped model
   --workers N           render processes (default: all cores)
   --seed S              seed of generation, split and rendering (default 0)
   --max-seq-len N       longest token sequence kept in the pkls, BOS and EOS included (default 512)
@@ -31,7 +34,7 @@ EOF
 
 OUT="$REPO/data/default"; NUM=10000; MEAN_TOKENS=24; MAX_TOKENS=60; SPLIT=0.9,0.05,0.05
 DPI=(100 130); FONTS=""; VOCAB=8000; WORKERS=$(nproc 2>/dev/null || echo 2); SEED=0; MAX_SEQ_LEN=512
-FILES=(); TEST_FILE=""
+FILES=(); TEST_FILE=""; TOKENIZER=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --formulas) shift; while [ $# -gt 0 ] && [[ "$1" != --* ]]; do FILES+=("$(realpath -m "$1")"); shift; done
@@ -46,6 +49,7 @@ while [ $# -gt 0 ]; do
     --dpi) DPI=("$2" "$3"); shift 2 ;;
     --fonts) FONTS=$2; shift ;;
     --vocab-size) VOCAB=$2; shift ;;
+    --tokenizer) TOKENIZER="$(realpath -m "$2")"; shift ;;
     --workers) WORKERS=$2; shift ;;
     --seed) SEED=$2; shift ;;
     --max-seq-len) MAX_SEQ_LEN=$2; shift ;;
@@ -54,7 +58,12 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-for f in "${FILES[@]}" ${TEST_FILE:+"$TEST_FILE"}; do [ -f "$f" ] || { echo "error: formula file not found: $f" >&2; exit 2; }; done
+TEST_ONLY=""
+if [ -n "$TEST_FILE" ] && [ ${#FILES[@]} -eq 0 ]; then
+  TEST_ONLY=1
+  [ -n "$TOKENIZER" ] || { echo "error: --test-formulas without --formulas builds a test-only set: pass the model's tokenizer with --tokenizer FILE (e.g. models/tokenizer.json)" >&2; exit 2; }
+fi
+for f in "${FILES[@]}" ${TEST_FILE:+"$TEST_FILE"} ${TOKENIZER:+"$TOKENIZER"}; do [ -f "$f" ] || { echo "error: formula file not found: $f" >&2; exit 2; }; done
 
 cd "$REPO"
 PY=${PYTHON:-}
@@ -82,7 +91,9 @@ step() {
 }
 
 T0=$(now)
-if [ ${#FILES[@]} -gt 0 ]; then
+if [ -n "$TEST_ONLY" ]; then
+  : > "$OUT/all.txt"  # nothing to train or validate on
+elif [ ${#FILES[@]} -gt 0 ]; then
   step formulas "$OUT/all.txt" "${FILES[@]}" -- "$PY" -m dataset_tools.normalize "${FILES[@]}" -o "$OUT/all.txt" \
     --rejects "$OUT/rejects_normalize.txt"
 else
@@ -105,7 +116,7 @@ if len(fr) != 3 or min(fr) < 0 or sum(fr) <= 0:
 random.Random(int(seed)).shuffle(formulas)
 if len(sys.argv) > 5:
     test = read(sys.argv[5])
-    if fr[0] + fr[1] <= 0:
+    if fr[0] + fr[1] <= 0 and formulas:
         sys.exit(f"error: --split {fractions} leaves nothing for train/val besides --test-formulas")
     held_out = set(test)
     kept = [x for x in formulas if x not in held_out]
@@ -130,13 +141,22 @@ if [ -n "$TEST_FILE" ]; then
 else
   step split "$OUT/test.txt" "$OUT/all.txt" -- "$PY" -c "$SPLIT_PY" "$OUT/all.txt" "$OUT" "$SPLIT" "$SEED"
 fi
-step tokenizer "$OUT/tokenizer.json" "$OUT/train.txt" -- "$PY" -m pix2tex.dataset.tokenizer --data "$OUT/train.txt" \
-  --vocab-size "$VOCAB" --out "$OUT/tokenizer.json"
+if [ -n "$TOKENIZER" ]; then  # a given tokenizer: copied (atomically), so the folder stands alone
+  step tokenizer "$OUT/tokenizer.json" "$TOKENIZER" -- "$PY" -c 'import shutil, sys
+from pix2tex.dataset.tokenizer import load_tokenizer
+load_tokenizer(sys.argv[1])  # a clear error for a file that is not a tokenizer
+shutil.copyfile(sys.argv[1], sys.argv[2] + ".tmp"); shutil.move(sys.argv[2] + ".tmp", sys.argv[2])' \
+    "$TOKENIZER" "$OUT/tokenizer.json"
+else
+  step tokenizer "$OUT/tokenizer.json" "$OUT/train.txt" -- "$PY" -m pix2tex.dataset.tokenizer --data "$OUT/train.txt" \
+    --vocab-size "$VOCAB" --out "$OUT/tokenizer.json"
+fi
 
 listing() { ls -l --time-style=+%s "$OUT/images/$1" 2>/dev/null | sha256sum | cut -c1-64; }
 RENDER_ARGS=(--dpi "${DPI[@]}" --seed "$SEED")  # what the images depend on
 [ -n "$FONTS" ] && RENDER_ARGS+=(--fonts "$FONTS")
-for s in train val test; do
+SPLITS=(train val test); [ -z "$TEST_ONLY" ] || SPLITS=(test)
+for s in "${SPLITS[@]}"; do
   # Images rendered from other formulas or settings are stale: start that split afresh. Otherwise
   # the renderer resumes, drawing only the images that are not there yet.
   sig="$(printf '%q ' "${RENDER_ARGS[@]}"; sha256sum < "$OUT/$s.txt")"
@@ -160,4 +180,4 @@ for s in train val test; do
     "$PY" -m pix2tex.dataset.dataset --images "$OUT/images/$s" --formulas "$OUT/$s.txt" \
     --tokenizer "$OUT/tokenizer.json" --out "$OUT/$s.pkl" --max-seq-len "$MAX_SEQ_LEN"
 done
-echo "[create_data] $OUT ready in $(took "$T0"): train.pkl val.pkl test.pkl tokenizer.json"
+echo "[create_data] $OUT ready in $(took "$T0"): $(printf '%s.pkl ' "${SPLITS[@]}")tokenizer.json"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import difflib
 import itertools
 import math
 import os
@@ -966,6 +967,27 @@ def compare_to_corpus(formulas: list[str], corpus: list[str], top: int = 300,
 
 
 
+def parse_fields(items: list[str]) -> dict:
+    """`FIELD=VALUE` strings -> SynthConfig keyword arguments of the fields' own types; an unknown
+    field or a value of the wrong type is a ValueError that names it."""
+    types = {f.name: f.type for f in fields(SynthConfig)}
+    out = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. w_matrix=6")
+        if name not in types:
+            close = difflib.get_close_matches(name, list(types), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"--set {item!r}: SynthConfig has no field {name!r}{hint}")
+        kind = int if types[name] in ("int", int) else float  # every field is a number
+        try:
+            out[name] = kind(value)
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {name} must be a number ({kind.__name__})") from None
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Write synthetic formulas (im2markup-normalized LaTeX), one a line.")
@@ -981,12 +1003,15 @@ def main(argv=None):
                         help="nesting depth of fractions/roots/groups (default %(default)s)")
     parser.add_argument("--unique", action=argparse.BooleanOptionalAction, default=True,
                         help="no repeated formula lines (default on)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="other SynthConfig fields, e.g. --set w_matrix=6 w_cases=4 "
+                             "p_aligned=0.2 for the multi-line structures real corpora lack")
     args = parser.parse_args(argv)
     if args.n < 0:
         parser.error("-n must be >= 0")
     try:
         cfg = SynthConfig(max_tokens=args.max_tokens, max_depth=args.max_depth,
-                          mean_tokens=args.mean_tokens)
+                          mean_tokens=args.mean_tokens, **parse_fields(args.set))
     except ValueError as e:
         parser.error(str(e))
     from tqdm import tqdm  # only the command line shows progress

@@ -242,7 +242,8 @@ def prepare_datasets(cfg, train_data, val_data, rt: Runtime) -> list[str]:
                           f"batch of {per_rank} (batchsize {cfg.batchsize} over {rt.world} processes)")
     limits = dict(max_seq_len=cfg.max_seq_len, max_dimensions=(cfg.max_width, cfg.max_height),
                   min_dimensions=(cfg.min_width, cfg.min_height), seed=cfg.seed)
-    train_data.update(batchsize=cfg.batchsize, shuffle=True, transform="train", **limits)
+    train_data.update(batchsize=cfg.batchsize, shuffle=True, transform="train", skip_unknown=True,
+                      **limits)
     if val_data is not None:  # validate on every sample: keep each size's last, smaller batch
         val_data.update(batchsize=cfg.testbatchsize, shuffle=False, transform="test",
                         keep_smaller_batches=True, **limits)

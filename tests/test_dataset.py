@@ -317,3 +317,30 @@ def test_create_data_with_a_held_out_test_file(shared_data, tmp_path):
     assert sorted(train + val) == sorted(norm[:12]) and len(train) == 9
     assert "4 of them removed from train/val" in log
     assert len(Im2LatexDataset.load(out / "test.pkl").samples) >= len(test) - 1
+
+
+def test_create_data_test_only_with_a_given_tokenizer(shared_data, tmp_path):
+    """--test-formulas without --formulas: a test-only set encoded with the model's tokenizer (the
+    held-out measure of a shipped model). A formula with a character the tokenizer never saw is
+    counted; evaluation keeps it (it scores the text), training skips it (an [UNK] label)."""
+    from pix2tex.dataset.tokenizer import train_tokenizer
+
+    norm = (shared_data / "im2latex_val.norm.txt").read_text(encoding="utf-8").splitlines()[:6]
+    tok = tmp_path / "tok.json"
+    train_tokenizer(["x + y = 1", "\\frac { x } { y }"], vocab_size=50).save(str(tok))
+    held = tmp_path / "held_out.txt"
+    held.write_text("\n".join(norm + ["x + y"]) + "\n", encoding="utf-8")
+    out = tmp_path / "t"
+    log = run_create_data("--test-formulas", str(held), "--tokenizer", str(tok), "--out", str(out),
+                          "--workers", "2", cwd=REPO)
+    assert not (out / "train.pkl").exists() and not (out / "images" / "train").exists()
+    assert (out / "tokenizer.json").read_bytes() == tok.read_bytes()
+    ds = Im2LatexDataset.load(out / "test.pkl")
+    assert len(ds.samples) == 7 and ds.report.unknown_chars == 6
+    assert "unknown to the tokenizer 6" in log
+    assert all(3 in ds.ids[i] for i in range(7) if ds.formulas[i] != "x + y")  # [UNK]
+    assert len(ds.indices) == 7 and len(ds.update(skip_unknown=True).indices) == 1
+    # without the tokenizer, a test-only set is refused with the fix
+    res = subprocess.run([str(REPO / "create_data.sh"), "--test-formulas", str(held), "--out",
+                          str(tmp_path / "u")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "--tokenizer" in res.stderr

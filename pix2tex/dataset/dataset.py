@@ -28,7 +28,7 @@ from PIL import Image
 
 from pix2tex.fileio import atomic_open
 
-from .tokenizer import BOS_ID, EOS_ID, PAD_ID, LatexTokenizer, load_tokenizer
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, LatexTokenizer, load_tokenizer
 
 # torch and albumentations (.transforms) are imported where batches are loaded: building a pkl
 # needs neither, and importing them costs seconds.
@@ -47,6 +47,7 @@ SETTINGS = {
     "seed": 0,
     "keep_smaller_batches": False,  # keep the last, smaller batch of each size bucket
     "epoch": 0,  # the epoch that `iter(dataset)` and `len(dataset)` refer to
+    "skip_unknown": False,  # leave out labels with [UNK] (training: they cannot be learned)
 }
 
 
@@ -71,11 +72,14 @@ class BuildReport:
     too_small: int = 0
     too_large: int = 0
     too_long: int = 0  # BOS + tokens + EOS > max_seq_len
+    unknown_chars: int = 0  # a character outside the tokenizer's alphabet ([UNK] in the label)
 
     def summary(self) -> str:
         lines = [f"formulas {self.formulas}: kept {self.kept}, missing image {self.missing}, "
                  f"corrupt {len(self.corrupt)}, empty {self.empty}, too small {self.too_small}, "
-                 f"too large {self.too_large}, too long {self.too_long}"]
+                 f"too large {self.too_large}, too long {self.too_long}, "
+                 f"characters unknown to the tokenizer {self.unknown_chars} (kept; training skips "
+                 f"them)"]
         lines += [f"  corrupt image {p}: {why}" for p, why in self.corrupt[:20]]
         if len(self.corrupt) > 20:
             lines.append(f"  ... and {len(self.corrupt) - 20} more corrupt images")
@@ -191,6 +195,9 @@ class Im2LatexDataset:
             widths.append(w)
             heights.append(h)
         ids = [np.asarray(t, dtype=np.int32) for t in tok.encode_batch(formulas)]
+        # A character the tokenizer never saw becomes [UNK]: counted here; training skips such
+        # labels (`skip_unknown`), evaluation keeps them (it scores the formula text).
+        report.unknown_chars = sum(1 for t in ids if (t == UNK_ID).any())
         ds = cls(root, paths, formulas, widths, heights, ids, tok.path, **settings)
         ds._tokenizer = tok
         reasons = ds._reasons()
@@ -220,7 +227,7 @@ class Im2LatexDataset:
                 value = int(value)
             elif key == "transform" and value not in ("train", "test"):
                 raise DatasetError(f"transform must be 'train' or 'test', got {value!r}")
-            elif key in ("shuffle", "keep_smaller_batches"):
+            elif key in ("shuffle", "keep_smaller_batches", "skip_unknown"):
                 value = bool(value)
             if key == "transform" and value != self.transform:
                 self._transform = None
@@ -256,6 +263,8 @@ class Im2LatexDataset:
                 out.append("too_large")
             elif len(t) + 2 > self.max_seq_len:
                 out.append("too_long")
+            elif self.skip_unknown and (t == UNK_ID).any():
+                out.append("unknown_chars")
             else:
                 out.append(None)
         return out
