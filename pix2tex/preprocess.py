@@ -11,7 +11,10 @@ in dark mode, a transparent PNG, a palette GIF, a 16-bit scan, a phone JPEG), so
    alpha channel, the alpha itself), 16-bit and float images scaled to 8 bit;
 3. inverts a dark background, crops to the ink, and stretches the contrast so the background is
    pure white and the darkest ink black (`crop_to_ink`);
-4. scales the crop to fit `max_height x max_width` (keeping the aspect ratio) and up-scales tiny
+4. estimates the glyph scale (median height of the ink's connected components, against the
+   training renders') and resizes a crop drawn much larger or smaller than the training images,
+   e.g. a screenshot at device scale 2 or a PDF at 300% zoom (`normalize_scale`);
+5. scales the crop to fit `max_height x max_width` (keeping the aspect ratio) and up-scales tiny
    crops to `min_height`, then centres it on white, `margin` px at least around the ink, padded to
    multiples of `patch_size` (`fit_and_pad`), as the renderer lays out training images.
 
@@ -209,7 +212,112 @@ def crop_to_ink(gray: np.ndarray, min_contrast: float = 24.0, margin: int = 0) -
     return np.round(crop).astype(np.uint8)
 
 
-# --- 4. size --------------------------------------------------------------------------------------
+# --- 4. glyph scale -------------------------------------------------------------------------------
+
+# Median height (px) of a formula's glyphs in the training renders: TeX at 115 dpi, the middle of
+# the renderer's 100-130 dpi (the median over fonts and im2latex val formulas: bench/glyph_scale.py).
+TRAIN_GLYPH_HEIGHT = 10.0
+INK_LEVEL = 192  # gray below this is ink: faint anti-aliased strokes still join their glyph
+# An estimate within this band of the training scale leaves the image as it is (a resize only
+# blurs). Outside it the crop is brought to 1.0; the estimate of one formula is off by up to
+# ~20% (a formula of x-height letters reads small), which stays within the scales the model
+# trains on (95-140 dpi renders).
+SCALE_BAND = (0.9, 1.1)
+ESTIMATE_PIXELS = 2_000_000  # larger crops are measured on a box-filtered smaller copy
+
+
+def _components(ink: np.ndarray) -> np.ndarray:
+    """Bounding boxes [n, 4] (top, left, bottom, right; exclusive) of the 8-connected components
+    of a boolean image, labelled over its horizontal runs (union-find), numpy and Python only."""
+    h, w = ink.shape
+    edges = np.diff(np.pad(ink, ((0, 0), (1, 1))).astype(np.int8), axis=1)
+    rows, starts = np.nonzero(edges == 1)
+    ends = np.nonzero(edges == -1)[1]  # exclusive; same row-major order as the starts
+    n = len(starts)
+    if n == 0:
+        return np.zeros((0, 4), np.int64)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first = np.searchsorted(rows, np.arange(h + 1))
+    s, e = starts.tolist(), ends.tolist()
+    for r in range(1, h):
+        i, i_end, j, j_end = first[r - 1], first[r], first[r], first[r + 1]
+        while i < i_end and j < j_end:
+            if s[j] <= e[i] and s[i] <= e[j]:  # touching or diagonal neighbours: one glyph
+                a, b = find(i), find(j)
+                if a != b:
+                    parent[b] = a
+            if e[i] < e[j]:
+                i += 1
+            else:
+                j += 1
+    roots = np.fromiter((find(i) for i in range(n)), np.int64, n)
+    labels, inverse = np.unique(roots, return_inverse=True)
+    boxes = np.empty((len(labels), 4), np.int64)
+    boxes[:, 0:2] = np.iinfo(np.int64).max
+    boxes[:, 2:4] = -1
+    np.minimum.at(boxes[:, 0], inverse, rows)
+    np.minimum.at(boxes[:, 1], inverse, starts)
+    np.maximum.at(boxes[:, 2], inverse, rows + 1)
+    np.maximum.at(boxes[:, 3], inverse, ends)
+    return boxes
+
+
+def glyph_height(crop: np.ndarray) -> float | None:
+    """Median height in px of the glyphs of a dark-on-white crop (None: too few to tell).
+
+    Glyphs are the connected components of the ink; dots and specks (under 2 px, or under a
+    tenth of the tallest component's height: JPEG noise) and horizontal bars (fraction bars,
+    minus signs, overlines: wider than 4x their height) are left out, so what remains are
+    letters, digits and symbols, whose median height follows the font size times the
+    resolution. Needs at least two glyphs."""
+    factor = 1
+    if crop.size > ESTIMATE_PIXELS:
+        factor = math.ceil(math.sqrt(crop.size / ESTIMATE_PIXELS))
+        small = Image.fromarray(crop).reduce(factor)
+        crop = np.asarray(small)
+    boxes = _components(crop < INK_LEVEL)
+    if len(boxes) == 0:
+        return None
+    heights = boxes[:, 2] - boxes[:, 0]
+    widths = boxes[:, 3] - boxes[:, 1]
+    keep = (heights >= 2) & (widths <= 4 * heights) & (heights >= 0.1 * heights.max())
+    if keep.sum() < 2:
+        return None
+    return float(np.median(heights[keep])) * factor
+
+
+def estimate_scale(crop: np.ndarray) -> float | None:
+    """How much larger than the training renders the crop's glyphs are (1.0: like a 115-dpi TeX
+    render; 2.0: a HiDPI screenshot), or None when the crop has too few glyphs to tell."""
+    height = glyph_height(crop)
+    return None if height is None else height / TRAIN_GLYPH_HEIGHT
+
+
+def normalize_scale(crop: np.ndarray, band: tuple[float, float] = SCALE_BAND) -> np.ndarray:
+    """Resize a crop whose glyph scale is outside `band` to the training scale (antialiased
+    downscaling, bicubic upscaling); crops within the band, or with too few glyphs to tell,
+    are returned as they are."""
+    scale = estimate_scale(crop)
+    if scale is None or band[0] <= scale <= band[1]:
+        return crop
+    h, w = crop.shape
+    size = (max(1, round(w / scale)), max(1, round(h / scale)))
+    img = Image.fromarray(crop)
+    if scale > 1:
+        img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    else:
+        img = img.resize(size, Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+# --- 5. size --------------------------------------------------------------------------------------
 
 def fit_and_pad(crop: np.ndarray, geo: Geometry, margin: int = 2) -> np.ndarray:
     """Scale `crop` to fit inside max_height x max_width less the margin (aspect kept), up-scale it
@@ -237,11 +345,15 @@ def fit_and_pad(crop: np.ndarray, geo: Geometry, margin: int = 2) -> np.ndarray:
 
 
 def preprocess(source, geo: Geometry | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-               margin: int = 2) -> np.ndarray | None:
-    """Any image source -> uint8 HxW page ready for the model, or None when it holds no ink."""
+               margin: int = 2, scale: bool = True) -> np.ndarray | None:
+    """Any image source -> uint8 HxW page ready for the model, or None when it holds no ink.
+    `scale`: bring glyphs of another size (a HiDPI screenshot, a zoomed PDF) to the training
+    renders' size first (`normalize_scale`)."""
     geo = geo or Geometry()
     gray = to_gray(open_image(source, max_pixels))
     crop = crop_to_ink(gray)
     if crop is None:
         return None
+    if scale:
+        crop = normalize_scale(crop)
     return fit_and_pad(crop, geo, margin)

@@ -285,3 +285,67 @@ def test_big_jpeg_decoded_downscaled():
 def test_unsupported_source_type():
     with pytest.raises(ImageError, match="cannot read an image from a int"):
         preprocess(42, GEO)
+
+
+# --- glyph scale: screenshots at device scale 2, PDFs at 300% zoom ------------------------------
+
+@pytest.fixture(scope="module")
+def renders_by_dpi(tmp_path_factory, shared_data):
+    """Eight im2latex val formulas rendered by TeX at 115 dpi (the training scale), 0.75x, 1.5x, 2x,
+    3x and 4x."""
+    from dataset_tools.render import read_formulas, render_formulas
+
+    formulas = read_formulas(str(shared_data / "im2latex_val.norm.txt"))[40:48]
+    out = {}
+    for dpi in (86, 115, 173, 230, 345, 460):
+        res = render_formulas(formulas, tmp_path_factory.mktemp(f"dpi{dpi}"), dpi=dpi, fonts=["cm"],
+                              workers=2, progress=False)
+        out[dpi] = {i: Image.open(p).convert("L") for i, p in res.rendered.items()}
+    return out
+
+
+def test_glyph_scale_follows_the_resolution(renders_by_dpi):
+    """The estimate is the resolution over 115 dpi: per formula within -40%/+50% (a formula of
+    x-height letters reads small), and the median over
+    these eight formulas within 15% (bench/glyph_scale.py: within 7% over 300), 0.75x to 4x."""
+    from pix2tex.preprocess import estimate_scale
+
+    for dpi, images in renders_by_dpi.items():
+        ratios = [estimate_scale(crop_to_ink(np.asarray(img))) / (dpi / 115) for img in images.values()]
+        assert all(0.6 <= r <= 1.5 for r in ratios), (dpi, ratios)
+        assert 0.85 <= np.median(ratios) <= 1.15, (dpi, ratios)
+
+
+def test_hidpi_renders_reach_the_model_at_the_training_size(renders_by_dpi):
+    """A formula at 1.5x-4x comes out of preprocess at about the size its 115-dpi render comes out
+    at (without scale normalization it would be 1.5-4x as large); a 115-dpi render estimated
+    within the band passes as it is."""
+    from pix2tex.preprocess import SCALE_BAND, estimate_scale, glyph_height
+
+    geo = Geometry(max_height=400, max_width=2000, min_height=16, min_width=16, patch_size=16)
+    base = renders_by_dpi[115]
+    in_band = [img for img in base.values()
+               if SCALE_BAND[0] <= estimate_scale(crop_to_ink(np.asarray(img))) <= SCALE_BAND[1]]
+    assert len(in_band) >= 3
+    for img in in_band:
+        assert np.array_equal(preprocess(img, geo), preprocess(img, geo, scale=False))
+    for dpi in (173, 230, 345, 460):
+        grown, ratios = [], []
+        for i, img in renders_by_dpi[dpi].items():
+            want = glyph_height(crop_to_ink(preprocess(base[i], geo)))
+            got = glyph_height(crop_to_ink(preprocess(img, geo)))
+            unscaled = glyph_height(crop_to_ink(preprocess(img, geo, scale=False)))
+            assert 0.6 * want <= got <= 1.5 * want, (dpi, i, got, want)
+            ratios.append(got / want)
+            grown.append(unscaled / got)
+        assert 0.85 <= np.median(ratios) <= 1.15, (dpi, ratios)
+        assert np.median(grown) >= 0.85 * dpi / 115  # what the model saw before
+
+
+def test_scale_needs_glyphs():
+    """Too few glyphs to tell (one box): the crop is left at its size, as before."""
+    from pix2tex.preprocess import estimate_scale, normalize_scale
+
+    crop = crop_to_ink(np.asarray(ink_image()))
+    assert estimate_scale(crop) is None
+    assert normalize_scale(crop) is crop
