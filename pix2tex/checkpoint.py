@@ -135,8 +135,10 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> None:
                 os.unlink(os.path.join(folder, f))
 
 
-def check_compatible(ckpt: dict, cfg: dict, tokenizer_sha256: str | None, source: str) -> None:
-    """Refuse a checkpoint whose architecture or tokenizer differs from `cfg`'s, naming the keys."""
+def check_compatible(ckpt: dict, cfg: dict, tokenizer_sha256: str | None, source: str,
+                     tokenizer_path: str | None = None) -> None:
+    """Refuse a checkpoint whose architecture or tokenizer differs from `cfg`'s, naming the keys
+    (and both tokenizer files, given `tokenizer_path`, the one this run would use)."""
     saved = ckpt.get("config")
     if isinstance(saved, dict):
         diff = [f"{k}: checkpoint {saved[k]!r} vs config {cfg[k]!r}" for k in ARCH_KEYS
@@ -146,9 +148,11 @@ def check_compatible(ckpt: dict, cfg: dict, tokenizer_sha256: str | None, source
                                   f"{'; '.join(diff)}); use the config it was trained with")
     saved_tok = ckpt.get("tokenizer_sha256")
     if saved_tok and tokenizer_sha256 and saved_tok != tokenizer_sha256:
-        raise CheckpointError(f"{source} was trained with another tokenizer "
-                              f"({ckpt.get('tokenizer')!r}, content differs from this run's); "
-                              f"token ids would not mean the same symbols: use that tokenizer")
+        theirs = ckpt.get("tokenizer") or "the tokenizer.json released beside it"
+        ours = f" {tokenizer_path}" if tokenizer_path else ""
+        raise CheckpointError(f"{source} was trained with another tokenizer ({theirs}) than this "
+                              f"run's{ours} (the contents differ): token ids would not mean the "
+                              f"same symbols; use the checkpoint's tokenizer")
 
 
 def _plain(value: Any) -> Any:

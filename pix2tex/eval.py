@@ -119,16 +119,18 @@ def read_predictions_tsv(path: str) -> tuple[list[str], list[str]]:
 # --- printing --------------------------------------------------------------------------------
 
 def format_table(scores: dict) -> str:
-    """Rows: metrics; columns: all samples, then each reference-length bucket."""
+    """Rows: metrics; columns: all samples, each reference-length bucket, the multi-line ones."""
     columns = [("all", scores)] + list(scores.get("by_length", {}).items())
+    if "multi_line" in scores:
+        columns.append(("multi-line", scores["multi_line"]))
     rows = [m for m in METRIC_ROWS if m in scores]
-    head = f"{'metric':<20}" + "".join(f"{name:>10}" for name, _ in columns)
+    head = f"{'metric':<20}" + "".join(f"{name:>11}" for name, _ in columns)
     lines = [head, "-" * len(head)]
     for m in rows:
         cells = []
         for _, col in columns:
             v = col.get(m)
-            cells.append(f"{v:>10d}" if m == "n" else f"{v:>10.4f}")
+            cells.append(f"{v:>11d}" if m == "n" else f"{v:>11.4f}")
         lines.append(f"{m:<20}" + "".join(cells))
     return "\n".join(lines)
 
@@ -142,7 +144,8 @@ def _parser() -> argparse.ArgumentParser:
                     "exact and image match, by reference length), or score a predictions file "
                     "against references without a model. Overrides are dotted key=value pairs.")
     p.add_argument("--config", help="YAML config (default: the one stored in the checkpoint)")
-    p.add_argument("--checkpoint", help="model checkpoint (default: the config's load_ckpt)")
+    p.add_argument("--checkpoint", help="model checkpoint (default: the config's load_ckpt; without "
+                                        "--config, the shipped model models/pix2tex.pth)")
     p.add_argument("--data", help="dataset pkl (default: the config's testdata)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: config, then checkpoint, then dataset)")
     p.add_argument("--batchsize", type=int, help="images per batch (default: testbatchsize)")
@@ -195,7 +198,7 @@ def run_model(args) -> tuple[dict, list[dict], dict]:
     from pix2tex.dataset.dataset import Im2LatexDataset
     from pix2tex.dataset.tokenizer import load_tokenizer
     from pix2tex.models import get_model
-    from pix2tex.predict import resolve_tokenizer
+    from pix2tex.predict import default_checkpoint, resolve_tokenizer
 
     if args.config:
         cfg = load_config(args.config, args.overrides)
@@ -204,10 +207,12 @@ def run_model(args) -> tuple[dict, list[dict], dict]:
             raise ConfigError(f"no checkpoint: pass --checkpoint PATH or set load_ckpt in {args.config}")
         ckpt = load_checkpoint(checkpoint)
     else:
-        if not args.checkpoint:
-            raise ConfigError("no model: pass --checkpoint PATH (and --config if it is a bare weights "
-                              "file), or --predictions FILE --references FILE to score a file")
-        checkpoint = args.checkpoint
+        # no model named: the shipped one ($PIX2TEX_CHECKPOINT or models/pix2tex.pth)
+        checkpoint = args.checkpoint or str(default_checkpoint())
+        if not os.path.isfile(checkpoint):
+            raise ConfigError(f"no model: {checkpoint} not found; pass --checkpoint PATH (and "
+                              f"--config if it is a bare weights file), or --predictions FILE "
+                              f"--references FILE to score a file")
         ckpt = load_checkpoint(checkpoint)
         if not isinstance(ckpt.get("config"), dict):
             raise CheckpointError(f"{checkpoint} holds no config (a bare weights file); pass --config "
@@ -221,14 +226,17 @@ def run_model(args) -> tuple[dict, list[dict], dict]:
     dataset = Im2LatexDataset.load(data_path)
     # --tokenizer, then the config's, then the one the checkpoint was trained with, then the pkl's;
     # each as written and then beside the checkpoint (a run folder can be moved).
+    # A release names no tokenizer: its own sits beside it and comes before the dataset's.
+    beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "tokenizer.json")
     tok_path = resolve_tokenizer([args.tokenizer, cfg.tokenizer, ckpt.get("tokenizer"),
+                                  None if ckpt.get("tokenizer") else beside,
                                   dataset.tokenizer_path], checkpoint)
     tokenizer = load_tokenizer(tok_path)
     if len(tokenizer) > cfg.num_tokens:
         raise ConfigError(f"the tokenizer {tok_path} has {len(tokenizer)} tokens but the model has "
                           f"num_tokens={cfg.num_tokens}: it is not the tokenizer of this model")
     # a checkpoint records its tokenizer's hash: refuse another one
-    check_compatible(ckpt, to_dict(cfg), file_sha256(tok_path), checkpoint)
+    check_compatible(ckpt, to_dict(cfg), file_sha256(tok_path), checkpoint, tok_path)
 
     device = args.device or cfg.device
     if device == "auto":

@@ -18,6 +18,9 @@ Predictions and references are normalized LaTeX strings: tokens separated by spa
 - `image_match`: im2markup's image accuracy: both formulas rendered by the project's renderer at one
   fixed dpi and font, see `images_match`. Equivalent spellings (`x^2`, `x^{2}`) count as correct.
 - `by_length`: the same metrics per bucket of reference length in tokens.
+- `multi_line`: the same metrics on the references with rows (`array`, `matrix`, `cases`,
+  `aligned`, or a `\\\\` row break), the structures printed formulas have that single-line
+  training formulas lack; absent when there are none.
 
 This module does not import torch; image match imports the renderer only when it is used.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 
@@ -267,9 +271,21 @@ def compute_metrics(preds: Sequence[str], refs: Sequence[str], image_match: bool
     for i, label in enumerate(length_buckets(refs)):
         buckets.setdefault(label, []).append(i)
     order = bucket_labels()
-    out["by_length"] = {
-        label: _corpus_metrics([preds[i] for i in idx], [refs[i] for i in idx],
+    def subset(idx: list[int]) -> dict:
+        return _corpus_metrics([preds[i] for i in idx], [refs[i] for i in idx],
                                None if matches is None else [matches[i] for i in idx])
-        for label, idx in sorted(buckets.items(), key=lambda kv: order.index(kv[0]))
-    }
+
+    out["by_length"] = {label: subset(idx) for label, idx in
+                        sorted(buckets.items(), key=lambda kv: order.index(kv[0]))}
+    rows = [i for i, r in enumerate(refs) if is_multi_line(r)]
+    if rows:
+        out["multi_line"] = subset(rows)
     return out
+
+
+MULTI_LINE = re.compile(r"\\begin\{(?:array|[pbvBV]?matrix|cases|aligned)\}|\\\\")
+
+
+def is_multi_line(formula: str) -> bool:
+    """A formula with rows: an array, matrix, cases or aligned environment, or a `\\\\` break."""
+    return MULTI_LINE.search(formula) is not None

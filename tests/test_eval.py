@@ -173,3 +173,25 @@ def test_scores_decode_in_fp32_whatever_the_inference_precision(checkpoint, tiny
                                "--output", tmp_path / "bf16", "--no-progress", "--precision", "bf16"], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "bf16" / "metrics.json").read_text())["settings"]["precision"] == "bf16"
+
+
+def test_without_a_checkpoint_the_shipped_model_and_its_tokenizer(tiny_data, tmp_path, capsys):
+    """No --checkpoint: models/pix2tex.pth with models/tokenizer.json beside it, although the pkl
+    was built with another tokenizer (the references are its formula texts)."""
+    code, out, err = run_main(["--data", tiny_data.val_pkl, "--num-batches", 1, "--batchsize", 2,
+                               "--output", tmp_path / "shipped", "--no-progress"], capsys)
+    assert code == 0, err
+    settings = json.loads((tmp_path / "shipped" / "metrics.json").read_text())["settings"]
+    assert Path(settings["checkpoint"]) == REPO / "models" / "pix2tex.pth"
+    assert Path(settings["tokenizer"]).resolve() == REPO / "models" / "tokenizer.json"
+
+
+def test_a_tokenizer_mismatch_names_both_files(checkpoint, tiny_data, tmp_path, capsys):
+    from pix2tex.dataset.tokenizer import train_tokenizer
+
+    other = tmp_path / "other.json"
+    train_tokenizer(["x + y = 1", "\\frac { a } { b }"], vocab_size=40).save(str(other))
+    code, _, err = run_main(["--checkpoint", checkpoint, "--data", tiny_data.val_pkl,
+                             "--tokenizer", other], capsys)
+    assert code == 2 and "another tokenizer" in err
+    assert str(tiny_data.tokenizer) in err and str(other) in err and "None" not in err

@@ -82,6 +82,18 @@ def test_length_buckets_breakdown():
     assert out["by_length"]["26-50"]["token_accuracy"] == pytest.approx(1 / 30)
 
 
+def test_multi_line_subset():
+    """The formulas with rows (the reader issue's multi-line target) get their own scores."""
+    rows = [r"\left( \begin{array} { c c } { a } & { b } \\ \end{array} \right)",
+            r"f ( x ) = \left\{ \begin{cases} { 1 } \\ { 0 } \\ \end{cases} \right.",
+            r"\begin{pmatrix} { x } \\ \end{pmatrix}", r"a \\ b"]
+    single = ["a + b", r"\frac { a } { b }", r"\left( x \right)"]
+    assert [M.is_multi_line(f) for f in rows + single] == [True] * 4 + [False] * 3
+    out = M.compute_metrics(rows[:2] + single, [rows[0], "x"] + single)
+    assert out["multi_line"]["n"] == 1 and out["multi_line"]["exact_match"] == 1.0
+    assert "multi_line" not in M.compute_metrics(single, single)
+
+
 def test_mismatched_lengths_raise():
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
         M.compute_metrics(["a", "b"], ["a"])
