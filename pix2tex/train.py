@@ -253,10 +253,12 @@ def prepare_datasets(cfg, train_data, val_data, rt: Runtime) -> list[str]:
             continue
         where = cfg[key] or key
         if not data.indices:
+            unknown = " (labels with characters the tokenizer does not know are left out too)" \
+                if data.skip_unknown else ""
             raise ConfigError(f"{where}: none of its {len(data.formulas)} samples fits "
                               f"max_seq_len={cfg.max_seq_len} and images within {cfg.min_width}x"
                               f"{cfg.min_height} .. {cfg.max_width}x{cfg.max_height} (width x "
-                              f"height); raise those limits or rebuild the dataset")
+                              f"height){unknown}; raise those limits or rebuild the dataset")
         odd = sorted((w, h) for w, h in data.buckets() if w % cfg.patch_size or h % cfg.patch_size)
         if odd:
             raise ConfigError(f"{where}: image sizes must be multiples of patch_size="

@@ -336,7 +336,9 @@ def test_errors_before_training(tiny_data, tmp_path):
     with pytest.raises(CheckpointError, match="another architecture .*dim: checkpoint 32 vs config 48"):
         train(load_config(config, ["name=base", "dim=48"]), resume=True)
     from pix2tex.dataset.tokenizer import train_tokenizer
-    other = train_tokenizer(["a + b", "x ^ { 2 }", "\\frac { 1 } { 2 }"], vocab_size=40)
+    # another tokenizer that still knows every character of the data (no [UNK] labels)
+    formulas = Path(tiny_data.formulas).read_text(encoding="utf-8").splitlines()
+    other = train_tokenizer(formulas + ["a + b"], vocab_size=60)
     other.save(tmp_path / "other.json")
     with pytest.raises(ConfigError, match="was tokenized with .*tokenizer.json"):
         train(load_config(config, [f"tokenizer={tmp_path / 'other.json'}"]))
