@@ -6,8 +6,8 @@
 # the run folder and adds LEG_STEPS (whole LR cycles of settings/config-cpu.yaml). Run it alone on
 # the machine: a second busy process slows training severalfold.
 #   SHARED (default ../shared/data), DATA (data/mix), TEST (data/im2latex_val),
-#   LEG_STEPS (default 5000: one cycle, ~90 min here), THREADS (torch threads, default all cores),
-#   RELEASE=0 to measure without releasing.
+#   LEG_STEPS (default 5000: one cycle, ~100 min here), THREADS (torch threads, default all cores),
+#   RELEASE=0 to measure without releasing, LEG_NOTE (what the leg changed, for the curve).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" NO_ALBUMENTATIONS_UPDATE=1
@@ -35,8 +35,11 @@ python -m dataset_tools.synth -n 20000 --seed 1 -o "$DATA/synth_multiline.txt" \
 
 echo "== 2/4 train $CONFIG: one leg of $LEG_STEPS steps"
 data_args=(data="$DATA/train.pkl" valdata="$DATA/val.pkl" tokenizer="$DATA/tokenizer.json")
+step_of() { python -c 'import sys, torch; print(torch.load(sys.argv[1], map_location="cpu", weights_only=False)["step"])' "$1"; }
+step=0
+t0=$(date +%s)
 if [ -f "$RUN/last.pth" ]; then
-  step=$(python -c 'import sys, torch; print(torch.load(sys.argv[1], map_location="cpu", weights_only=False)["step"])' "$RUN/last.pth")
+  step=$(step_of "$RUN/last.pth")
   python -m pix2tex.train --config "$CONFIG" "${data_args[@]}" max_steps=$((step + LEG_STEPS)) --resume
 elif [ "${FROM_SCRATCH:-0}" = 1 ]; then
   python -m pix2tex.train --config "$CONFIG" "${data_args[@]}" max_steps="$LEG_STEPS"
@@ -44,6 +47,9 @@ else  # warm start: the shipped weights, a fresh optimizer and schedule
   python -m pix2tex.train --config "$CONFIG" "${data_args[@]}" max_steps="$LEG_STEPS" \
     load_ckpt=models/pix2tex.pth
 fi
+
+minutes=$(( ($(date +%s) - t0) / 60 ))
+steps=$(( $(step_of "$RUN/last.pth") - step ))
 
 echo "== 3/4 evaluate best.pth (and the shipped model, once) on the im2latex val formulas (greedy, fp32)"
 python -m pix2tex.eval --checkpoint "$RUN/best.pth" --data "$TEST/test.pkl" --image-match \
@@ -60,9 +66,15 @@ better=$(python -c 'import json, sys
 new, old = (json.load(open(p))["metrics"]["bleu"] for p in sys.argv[1:])
 print(int(new > old)); print(f"im2latex val BLEU: this leg {new:.4f}, shipped {old:.4f}", file=sys.stderr)' \
   "$RUN/eval_im2latex_val/metrics.json" "$SHIPPED")
+shipped=()
 if [ "$better" = 1 ] && [ "${RELEASE:-1}" = 1 ]; then
   python -m pix2tex.release --checkpoint "$RUN/best.pth" --out models
   cp "$RUN/eval_im2latex_val/metrics.json" "$SHIPPED"
+  shipped=(--shipped)
 else
   echo "not released (RELEASE=${RELEASE:-1}, better=$better)"
 fi
+# the quality curve: this leg's point (models/quality_legs.json) and docs/quality.png
+python scripts/quality_curve.py add --minutes "$minutes" --steps "$steps" \
+  --metrics "$RUN/eval_im2latex_val/metrics.json" "${shipped[@]}" --note "${LEG_NOTE:-}"
+python scripts/quality_curve.py plot
