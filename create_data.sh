@@ -63,7 +63,8 @@ if [ -n "$TEST_FILE" ] && [ ${#FILES[@]} -eq 0 ]; then
   TEST_ONLY=1
   [ -n "$TOKENIZER" ] || { echo "error: --test-formulas without --formulas builds a test-only set: pass the model's tokenizer with --tokenizer FILE (e.g. models/tokenizer.json)" >&2; exit 2; }
 fi
-for f in "${FILES[@]}" ${TEST_FILE:+"$TEST_FILE"} ${TOKENIZER:+"$TOKENIZER"}; do [ -f "$f" ] || { echo "error: formula file not found: $f" >&2; exit 2; }; done
+for f in "${FILES[@]}" ${TEST_FILE:+"$TEST_FILE"}; do [ -f "$f" ] || { echo "error: formula file not found: $f" >&2; exit 2; }; done
+[ -z "$TOKENIZER" ] || [ -f "$TOKENIZER" ] || { echo "error: --tokenizer file not found: $TOKENIZER" >&2; exit 2; }
 
 cd "$REPO"
 PY=${PYTHON:-}

@@ -1,14 +1,14 @@
 """Glyph-scale estimator of pix2tex/preprocess.py on TeX renders of known resolution.
 
-    .venv/bin/python bench/glyph_scale.py [--data FILE] [--limit 300] [--dpi 58 115 173 230 460]
+    .venv/bin/python bench/glyph_scale.py [--data FILE] [--limit 300] [--dpi 58 86 115 ... 460]
 
 Renders the first `limit` im2latex validation formulas (never the test split) with the training
 renderer at each dpi, in every font, then measures `glyph_height` of each image (after
 `crop_to_ink`, as preprocessing sees it). 115 dpi is the middle of the training renders, so
 dpi / 115 is the true scale. Prints one JSON object: per dpi the median glyph height and its
-spread over formulas, the estimated scale against the true one (median ratio, share within 10 %
-and within the no-resize band), and `glyph_height_at_115_dpi`, the value behind
-`preprocess.TRAIN_GLYPH_HEIGHT`.
+spread over formulas, the estimated scale against the true one (median ratio, shares within 10%
+and 20%), the scale the model then sees after `normalize_scale` (10th/50th/90th percentile), and
+`glyph_height_at_115_dpi`, the value behind `preprocess.TRAIN_GLYPH_HEIGHT`.
 """
 import argparse
 import json

@@ -239,8 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"{out}: {meta['samples']} of {meta['source_samples']} samples relabelled by the teacher "
-          f"(beam width {meta['beam_width']}, {meta['precision']}; {meta['differ_from_ground_truth']} differ from the "
-          f"ground truth; left out: {meta['unfinished']} without EOS, {meta['empty']} empty, "
+          f"(beam width {meta['beam_width']}, {meta['precision']}; "
+          f"{meta['differ_from_ground_truth']} differ from the ground truth; left out: {meta['unfinished']} without EOS, {meta['empty']} empty, "
           f"{meta['source_samples'] - meta['decoded']} outside the teacher's limits); labels also "
           f"in {meta['list']}")
 
