@@ -417,3 +417,57 @@ def test_std_conv_is_timms_weight_standardized_conv(kernel, stride):
     y.backward(g)
     ref.backward(g)
     torch.testing.assert_close(ours.weight.grad, timm_conv.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+# --- LaTeX-OCR's decoder names -----------------------------------------------------------------
+
+def test_model_decoder_is_latex_ocrs_custom_ar_wrapper_with_the_same_greedy_output(overfit):
+    from x_transformers.autoregressive_wrapper import AutoregressiveWrapper
+
+    from pix2tex.models.transformer import CustomARWrapper, top_k
+    model, batches, _ = overfit
+    assert isinstance(model.decoder, CustomARWrapper)
+    assert isinstance(model.decoder, AutoregressiveWrapper)
+    images, tgt = max(batches, key=lambda b: len({len(strip(t[1:])) for t in b[1]}))
+    memory = model.encode_for_inference(images, "fp32")
+    ours = model.generate(memory=memory, precision="fp32")
+    start = torch.full((len(images), 1), BOS, dtype=torch.long)
+    # LaTeX-OCR's call (Model.generate there), greedy: temperature 0
+    out = model.decoder.generate(start, model.max_seq_len, eos_token=EOS, temperature=0.0,
+                                 context=memory)
+    assert torch.equal(out, ours)
+    for row, target in zip(out, tgt):
+        assert strip(row) == strip(target[1:])
+    # sampling that can only pick the best token (top_k keeps one) is greedy too
+    sampled = model.decoder.generate(start, 64, eos_token=EOS, temperature=1.0,
+                                     filter_logits_fn=top_k, filter_thres=0.9999, context=memory)
+    assert torch.equal(sampled, ours)
+    # 1-d start tokens give a 1-d row, as in LaTeX-OCR
+    single = model.decoder.generate(start[0], 64, eos_token=EOS, temperature=0.0, context=memory[:1])
+    assert single.dim() == 1 and torch.equal(single, ours[0, :len(single)])
+
+
+def test_a_latex_ocr_built_custom_ar_wrapper_decodes_like_its_uncached_forward():
+    from x_transformers import Decoder, TransformerWrapper
+
+    from pix2tex.models.transformer import CustomARWrapper
+    torch.manual_seed(0)
+    dec = CustomARWrapper(TransformerWrapper(num_tokens=30, max_seq_len=40, attn_layers=Decoder(
+        dim=32, depth=2, heads=4, cross_attend=True)), pad_value=PAD).eval()
+    memory = torch.randn(3, 12, 32)
+    start = torch.tensor([[BOS, 7]] * 3)  # a two-token start: the first fills the cache
+    out = dec.generate(start, 10, eos_token=EOS, temperature=0.0, context=memory)
+    seq = start.clone()
+    with torch.no_grad():
+        for _ in range(10):
+            logits = dec.net(seq, context=memory)[:, -1]
+            logits[:, [PAD, BOS]] = float("-inf")
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+    ref = seq[:, 2:]
+    after = (ref == EOS).long().cumsum(1) - (ref == EOS).long() > 0
+    ref = ref.masked_fill(after, PAD)
+    assert torch.equal(out, ref[:, :out.shape[1]]) and (ref[:, out.shape[1]:] == PAD).all()
+    with pytest.raises(ValueError, match="context="):
+        dec.generate(start, 5)
+    with pytest.raises(ValueError, match="padding"):
+        dec.generate(start, 5, context=memory, mask=torch.tensor([[True, False]] * 3))

@@ -18,6 +18,11 @@ export). The lean step covers the decoder options in LEAN_DECODER_ARGS; any othe
 fall back to x-transformers' own cached path (`XTransformersState`). Tests check both against the
 uncached forward.
 
+`LatexDecoder` is a `CustomARWrapper`: LaTeX-OCR's name for its decoder, an x-transformers
+`AutoregressiveWrapper` whose `generate(start_tokens, seq_len, eos_token, temperature,
+filter_logits_fn, filter_thres, context=memory)` LaTeX-OCR code calls (`model.decoder.generate`).
+Here that call runs the KV-cached step and the one sampler of `generate.py`.
+
 A step at small batch reads every decoder weight once and does little arithmetic with it, so its
 floor is the weight bytes over the memory bandwidth. `_weights(precision)` lays the weights out in
 fp32, bf16 (weights, matmul inputs and caches; the residual stream stays float32), or int8
@@ -32,10 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from x_transformers import Decoder, TransformerWrapper
+from x_transformers.autoregressive_wrapper import AutoregressiveWrapper, top_k, top_p
 from x_transformers.x_transformers import AbsolutePositionalEmbedding, Attention, FeedForward
 from x_transformers.x_transformers import LayerNorm as XLayerNorm
 
 from .attention import route_decoder_attention
+from .generate import sample
 
 # decoder_args the lean step implements: key -> allowed values (None: any value). Dropout keys do
 # nothing at inference.
@@ -88,20 +95,85 @@ def lean_supported(decoder_args: dict) -> bool:
     return True
 
 
-class LatexDecoder(nn.Module):
+class CustomARWrapper(AutoregressiveWrapper):
+    """LaTeX-OCR's decoder class (`pix2tex.models.transformer.CustomARWrapper`): an x-transformers
+    `AutoregressiveWrapper` around a `TransformerWrapper` decoder with cross-attention. Calling it
+    is x-transformers' training loss; `generate` decodes as LaTeX-OCR's did, KV-cached."""
+
+    def start(self, memory: torch.Tensor, max_len: int, beams: int = 1, precision: str = "fp32",
+              cache_dtype: torch.dtype | None = None):
+        """Decoding state for `memory` [B, N, dim]: x-transformers' own KV cache, which serves any
+        decoder configuration (LatexDecoder has a faster one)."""
+        return XTransformersState(self, memory, beams)
+
+    @torch.no_grad()
+    def generate(self, start_tokens: torch.Tensor, seq_len: int = 256, eos_token: int | None = None,
+                 temperature: float = 1.0, filter_logits_fn=top_k, filter_thres: float = 0.9,
+                 context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                 precision: str = "fp32") -> torch.Tensor:
+        """Up to `seq_len` tokens after `start_tokens` ([B, t] or [t]; LaTeX-OCR passes BOS), read
+        from `context` (the encoder output [B, N, dim]); returns [B, L] (or [L]).
+
+        As in LaTeX-OCR: sampling at `temperature` from the logits that `filter_logits_fn` keeps
+        (top_k: the best (1 - filter_thres) of the vocabulary; top_p: the nucleus of mass
+        filter_thres); decoding stops once every row has produced `eos_token`. Differences: a row
+        that ended is padded with `pad_value` after its EOS (LaTeX-OCR went on sampling it);
+        `temperature=0` is greedy (token for token what `Model.generate` gives); the nucleus is
+        taken after dividing by the temperature; a sequence ends at the decoder's `max_seq_len`
+        positions (LaTeX-OCR slid a window over its absolute positions); PAD and BOS (the first
+        start token) are never sampled unless one of them is `eos_token`. `mask` may only mark
+        every start token present."""
+        if context is None:
+            raise ValueError("generate needs context=: the encoder output [B, N, dim] of the images")
+        if mask is not None and not bool(mask.all()):
+            raise ValueError("generate: start tokens with padding (a mask with False) are not "
+                             "supported; give every row the same number of start tokens")
+        if filter_logits_fn not in (top_k, top_p):
+            raise ValueError("filter_logits_fn must be x_transformers' top_k or top_p (as in "
+                             "LaTeX-OCR)")
+        one = start_tokens.dim() == 1
+        start = start_tokens[None] if one else start_tokens
+        B, t = start.shape
+        if context.shape[0] != B:
+            raise ValueError(f"generate: {B} rows of start tokens but context has {context.shape[0]}")
+        steps = min(int(seq_len), self.max_seq_len - t)
+        if steps <= 0:
+            out = start.new_empty(B, 0)
+            return out[0] if one else out
+        vocab = self.net.num_tokens
+        keep_k = max(1, int((1 - filter_thres) * vocab)) if filter_logits_fn is top_k else 0
+        keep_p = float(filter_thres) if filter_logits_fn is top_p else 1.0
+        was_training = self.training
+        self.eval()
+        try:
+            state = self.start(context, t - 1 + steps, precision=precision)
+            for i in range(t - 1):  # the start tokens before the last one fill the cache
+                state.step(start[:, i])
+            eos = -1 if eos_token is None else int(eos_token)  # -1: never matches, as None there
+            out = sample(state, B, steps, int(start[0, 0]), eos, self.pad_value,
+                         temperature=max(float(temperature), 0.0), top_k=keep_k, top_p=keep_p,
+                         device=start.device, first=start[:, -1])
+        finally:
+            self.train(was_training)
+        return out[0] if one else out
+
+
+class LatexDecoder(CustomARWrapper):
+    """The decoder of `Model`: builds its x-transformers net from the config's sizes; calling it
+    gives teacher-forced logits (not CustomARWrapper's loss); decoding runs the lean step."""
+
     def __init__(self, num_tokens: int, max_seq_len: int, dim: int, depth: int, heads: int,
-                 decoder_args: dict | None = None, emb_dropout: float = 0.0):
-        super().__init__()
+                 decoder_args: dict | None = None, emb_dropout: float = 0.0, pad_value: int = 0):
         args = dict(decoder_args or {})
         args.setdefault("cross_attend", True)
         if not args["cross_attend"]:
             raise ValueError("decoder_args.cross_attend must be true: the decoder reads the image "
                              "through cross-attention")
-        self.net = TransformerWrapper(
+        net = TransformerWrapper(
             num_tokens=num_tokens, max_seq_len=max_seq_len, emb_dropout=emb_dropout,
             attn_layers=Decoder(dim=dim, depth=depth, heads=heads, **args))
+        super().__init__(net, pad_value=pad_value)
         route_decoder_attention(self.net)  # faster exact kernels for bf16 training on CPU
-        self.max_seq_len = max_seq_len
         self._prepared = None  # (key, weights) of the last step_weights() call
         self.lean = lean_supported(args)
         if self.lean:
@@ -277,7 +349,15 @@ class LatexDecoder(nn.Module):
         b*beams ... b*beams+beams-1), with room for `max_len` positions."""
         if self.lean:
             return LeanState(self, memory, max_len, beams, precision, cache_dtype)
-        return XTransformersState(self, memory, beams)
+        return super().start(memory, max_len, beams, precision, cache_dtype)
+
+
+def get_decoder(cfg) -> LatexDecoder:
+    """The decoder a config describes (random weights)."""
+    return LatexDecoder(num_tokens=cfg.num_tokens, max_seq_len=cfg.max_seq_len, dim=cfg.dim,
+                        depth=cfg.num_layers, heads=cfg.heads,
+                        decoder_args=dict(cfg.decoder_args or {}),
+                        emb_dropout=cfg.get("emb_dropout", 0.0), pad_value=cfg.pad_token)
 
 
 class LeanState:
@@ -317,7 +397,7 @@ class LeanState:
 class XTransformersState:
     """x-transformers' own KV-cached path, for decoder_args the lean step does not cover."""
 
-    def __init__(self, decoder: LatexDecoder, memory: torch.Tensor, beams: int):
+    def __init__(self, decoder: CustomARWrapper, memory: torch.Tensor, beams: int):
         self.net = decoder.net
         self.memory = memory.repeat_interleave(beams, dim=0) if beams > 1 else memory
         self.seq = None

@@ -33,16 +33,20 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 
 def sample(state, batch: int, max_len: int, bos: int, eos: int, pad: int, temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, min_len: int = 0, device=None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Greedy (temperature 0) or sampled decoding. A row leaves the batch at its EOS, so the
-    remaining rows decode with less work."""
+           generator: torch.Generator | None = None,
+           first: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy (temperature 0) or sampled decoding from BOS (or from the tokens `first` [B], the
+    last of a longer start). A row leaves the batch at its EOS, so the remaining rows decode
+    with less work."""
     out = torch.full((batch, max_len), pad, dtype=torch.long, device=device)
     rows = torch.arange(batch, device=device)  # original row of each active row
-    tokens = torch.full((batch,), bos, dtype=torch.long, device=device)
+    tokens = torch.full((batch,), bos, dtype=torch.long, device=device) if first is None \
+        else first.to(device=device, dtype=torch.long)
+    never = [t for t in (pad, bos) if t != eos]  # never valid outputs (unless asked to end on one)
     length = 0
     for t in range(max_len):
         logits = state.step(tokens)
-        logits[:, [pad, bos]] = float("-inf")  # never valid outputs
+        logits[:, never] = float("-inf")
         if t < min_len:
             logits[:, eos] = float("-inf")
         tokens = next_tokens(logits, temperature, top_k, top_p, generator)

@@ -20,7 +20,7 @@ from torch import nn
 from timm.layers import Conv2dSame, StdConv2dSame
 
 from . import hybrid, resnet, vit
-from .decoder import LatexDecoder, weights_key
+from .decoder import LatexDecoder, get_decoder, weights_key
 from .generate import beam_search, sample
 
 ENCODERS = {"hybrid": hybrid.get_encoder, "vit": vit.get_encoder, "resnet": resnet.get_encoder}
@@ -34,6 +34,17 @@ def cpu_has_fast_bf16() -> bool:
             bool(torch.cpu._is_avx512_bf16_supported())
     except AttributeError:
         return False
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """auto (or None) -> cuda when CUDA is available, else cpu; a CUDA device asked for where there
+    is none is an error that says so."""
+    want = str(device) if device is not None else "auto"
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available here; use device=cpu")
+    return torch.device(want)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -213,8 +224,4 @@ def get_model(cfg) -> Model:
     if structure not in ENCODERS:
         raise ValueError(f"encoder_structure must be one of {sorted(ENCODERS)}, got {structure!r}")
     encoder = ENCODERS[structure](cfg)
-    decoder = LatexDecoder(num_tokens=cfg.num_tokens, max_seq_len=cfg.max_seq_len, dim=cfg.dim,
-                           depth=cfg.num_layers, heads=cfg.heads,
-                           decoder_args=dict(cfg.decoder_args or {}),
-                           emb_dropout=cfg.get("emb_dropout", 0.0))
-    return Model(encoder, decoder, cfg)
+    return Model(encoder, get_decoder(cfg), cfg)
