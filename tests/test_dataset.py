@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pix2tex.dataset.dataset import DatasetError, EpochBatches, Im2LatexDataset
+from pix2tex.dataset.dataset import DatasetError, Im2LatexDataset
 from pix2tex.dataset.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer
 from pix2tex.dataset import transforms
 from pix2tex.dataset.transforms import MEAN, STD
@@ -112,33 +112,6 @@ def test_plan_and_batches_are_pure_functions_of_seed_epoch_index(tiny_data):
     assert torch.equal(first[0], x1)
 
 
-def test_epoch_batches_sharding_resume_and_workers(tiny_data):
-    ds = load(tiny_data, batchsize=2, transform="train", keep_smaller_batches=True)
-    plan = ds.batch_plan(1)
-    world = 3
-    shards = [EpochBatches(ds, 1, rank=r, world_size=world) for r in range(world)]
-    assert all(len(s) == len(plan) // world for s in shards)
-    positions = [p for s in shards for p in s.positions]
-    assert len(set(positions)) == len(positions) and max(positions) < len(plan)
-    assert shards[1].positions[:2] == [1, 4]
-    # Resume: skip the batches already done; the rest are the same tensors as before.
-    full = EpochBatches(ds, 1)
-    resumed = EpochBatches(ds, 1, start=5)
-    assert len(resumed) == len(plan) - 5 and resumed.batches == plan[5:]
-    x_full, t_full = full[6]
-    x_res, t_res = resumed[1]
-    assert torch.equal(x_full, x_res) and torch.equal(t_full, t_res)
-    # Worker processes give the same batches as the main process.
-    loader = torch.utils.data.DataLoader(resumed, batch_size=None, num_workers=2)
-    for j, (x, t) in enumerate(loader):
-        if j >= 4:
-            break
-        x0, t0 = resumed[j]
-        assert torch.equal(x, x0) and torch.equal(t, t0)
-    with pytest.raises(ValueError, match="rank"):
-        EpochBatches(ds, 0, rank=3, world_size=3)
-
-
 def test_save_load_after_moving_the_folder(tiny_data, tmp_path):
     ds = load(tiny_data, batchsize=3, keep_smaller_batches=True)
     first = tmp_path / "first"
@@ -174,7 +147,7 @@ def test_foreign_pickles_are_refused(tmp_path):
     assert not marker.exists()
     # A pickled object (how LaTeX-OCR stored its datasets) is refused too, as is plain other data.
     obj = tmp_path / "object.pkl"
-    obj.write_bytes(pickle.dumps(Im2LatexDataset(tmp_path, [], [], [], [], [])))
+    obj.write_bytes(pickle.dumps(Im2LatexDataset.from_samples(tmp_path, [], [], [], [], [])))
     with pytest.raises(DatasetError, match=r"object\.pkl: refused.*Im2LatexDataset"):
         Im2LatexDataset.load(obj)
     other = tmp_path / "other.pkl"
@@ -222,6 +195,66 @@ def test_instances_do_not_share_state(tiny_data):
     assert len(a.indices) == len(a_indices) + len(b.indices) and a.indices[:len(a_indices)] == a_indices
     fresh = Im2LatexDataset.load(tiny_data.train_pkl)
     assert len(fresh.samples) == n_a and fresh.batchsize == 4
+
+
+def test_latex_ocr_calls_work_as_there(tiny_data, tmp_path):
+    """LaTeX-OCR's dataset calls: its constructor, Im2LatexDataset().load, update(**config),
+    pad, combine, save, generate_tokenizer."""
+    from pix2tex.config import load_config
+    from pix2tex.dataset.dataset import generate_tokenizer
+
+    ds = Im2LatexDataset(str(tiny_data.formulas), str(tiny_data.train_images), str(tiny_data.tokenizer))
+    built = Im2LatexDataset.build(tiny_data.train_images, tiny_data.formulas, tiny_data.tokenizer)
+    assert ds.samples == built.samples and ds.report == built.report and ds.report.kept > 0
+    with pytest.raises(DatasetError, match="equations, images, tokenizer"):
+        Im2LatexDataset(str(tiny_data.formulas))
+    assert len(Im2LatexDataset().samples) == 0
+    ds.save(tmp_path / "train.pkl")
+    data = Im2LatexDataset().load(tmp_path / "train.pkl")
+    assert data.formulas == ds.formulas
+    assert [os.path.normpath(data.image_path(i)) for i in range(3)] == \
+        [os.path.normpath(ds.image_path(i)) for i in range(3)]
+
+    # LaTeX-OCR's train.py: dataloader.update(**args, test=False) with the whole parsed config
+    cfg = load_config(REPO / "tests" / "fixtures" / "latex_ocr" / "config.yaml")
+    args = {**cfg, "epoch": 0, "device": "cpu", "no_cuda": False,  # what its parse_args adds
+            "max_dimensions": [cfg.max_width, cfg.max_height],
+            "min_dimensions": [cfg.min_width, cfg.min_height]}
+    args.pop("tokenizer")  # its path is LaTeX-OCR's dataset/tokenizer.json
+    data.update(**args, test=False)
+    assert data.batchsize == cfg.batchsize == 64 and data.transform == "train" and data.seed == 42
+    assert data.max_dimensions == (672, 192) and data.max_seq_len == 512 and data.pad is False
+    data.update(batchsize=4, keep_smaller_batches=True, test=True)  # its validation loader
+    assert data.transform == "test" and data.keep_smaller_batches
+    with pytest.raises(DatasetError, match="unknown dataset setting 'batch_size'"):
+        data.update(batch_size=4)
+    # max_width/max_height (our config's names) set the dimensions too
+    assert data.update(max_width=320, max_height=96).max_dimensions == (320, 96)
+
+    # pad: every batch at max_dimensions, white (the normalized paper value) around the formula
+    data.update(pad=True, max_width=672, max_height=192, shuffle=False)
+    (w, h) = data.samples[data.batch_plan(0)[0][0]][2:]
+    images, tgt = next(iter(data))
+    assert images.shape[-2:] == (192, 672)
+    white = (1.0 - MEAN) / STD
+    assert torch.allclose(images[:, :, h:, :], torch.tensor(white)) and \
+        torch.allclose(images[:, :, :, w:], torch.tensor(white))
+    data.update(pad=False)
+    assert next(iter(data))[0].shape[-2:] == (h, w)
+
+    # combine two datasets, as LaTeX-OCR's dataset tool did for several folders
+    val = Im2LatexDataset(tiny_data.val_formulas, tiny_data.val_images, tiny_data.tokenizer)
+    n = len(data.samples)
+    data.combine(val)
+    assert len(data.samples) == n + len(val.samples)
+
+    # generate_tokenizer(equations, output, vocab_size), and a dataset moved to that tokenizer
+    tok = generate_tokenizer([str(tiny_data.formulas)], str(tmp_path / "tok.json"), 100)
+    assert (tmp_path / "tok.json").is_file() and len(tok) <= 100
+    data.update(tokenizer=str(tmp_path / "tok.json"))
+    assert data.tokenizer_path == str(tmp_path / "tok.json")
+    assert list(data.ids[0]) == tok.encode(data.formulas[0])
+    assert tok.decode(data.ids[0]) == data.formulas[0]
 
 
 def test_transforms_keep_size_and_vary(tiny_data):

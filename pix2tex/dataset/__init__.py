@@ -6,8 +6,8 @@ importing torch and without runpy's "found in sys.modules" warning.
 import importlib
 
 _EXPORTS = {
-    "Im2LatexDataset": "dataset", "EpochBatches": "dataset", "BuildReport": "dataset",
-    "DatasetError": "dataset", "Sample": "dataset",
+    "Im2LatexDataset": "dataset", "BuildReport": "dataset",
+    "DatasetError": "dataset", "Sample": "dataset", "generate_tokenizer": "dataset",
     "LatexTokenizer": "tokenizer", "train_tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
     "TokenizerError": "tokenizer", "PAD_ID": "tokenizer", "BOS_ID": "tokenizer", "EOS_ID": "tokenizer",
     "UNK_ID": "tokenizer",

@@ -14,6 +14,14 @@ would, whatever the number of DataLoader workers.
 
 A `.pkl` is a plain dict (lists, strings, ints, bytes) with image and tokenizer paths relative to
 the pkl's folder, read back through a restricted unpickler.
+
+LaTeX-OCR's calls work as there: `Im2LatexDataset(equations, images, tokenizer, **settings)`
+builds (as `build`), `Im2LatexDataset().load(pkl)`, `save`, `combine`, `update(**config)` with a
+whole config (the dataset's keys applied, the other config keys left alone, anything else an
+error), `pad=True` (pad every image to `max_dimensions` with white) and
+`generate_tokenizer(equations, output, vocab_size)`. One documented difference: iterating yields
+`(images, tgt)` where LaTeX-OCR yielded `(tokenizer encoding, images)`; its `input_ids` are `tgt`
+and its `attention_mask` is `tgt != PAD`.
 """
 from __future__ import annotations
 
@@ -28,7 +36,8 @@ from PIL import Image
 
 from pix2tex.fileio import atomic_open
 
-from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, LatexTokenizer, load_tokenizer
+from .tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, LatexTokenizer, load_tokenizer,
+                        read_formulas, train_tokenizer)
 
 # torch and albumentations (.transforms) are imported where batches are loaded: building a pkl
 # needs neither, and importing them costs seconds.
@@ -48,7 +57,18 @@ SETTINGS = {
     "keep_smaller_batches": False,  # keep the last, smaller batch of each size bucket
     "epoch": 0,  # the epoch that `iter(dataset)` and `len(dataset)` refer to
     "skip_unknown": False,  # leave out labels with [UNK] (training: they cannot be learned)
+    "pad": False,  # pad every image to max_dimensions with white (LaTeX-OCR's `pad`)
 }
+
+
+def config_only_keys() -> set[str]:
+    """Config keys that set nothing on a dataset (model, optimizer, run): LaTeX-OCR calls
+    `update(**args)` with its whole config, so `update` accepts these and leaves them. They are
+    pix2tex.config's keys, LaTeX-OCR's flat ones, and what its parse_args adds (device, no_cuda)."""
+    from pix2tex.config import DEFAULTS, RENAMED
+    given_by_entry_points = {"device", "no_cuda", "resume", "notes", "config_path"}
+    applied = set(SETTINGS) | {"tokenizer", "max_width", "max_height", "min_width", "min_height"}
+    return (set(DEFAULTS) | set(RENAMED) | given_by_entry_points) - applied
 
 
 class DatasetError(ValueError):
@@ -139,9 +159,26 @@ def read_formula_lines(path: str | os.PathLike) -> list[str]:
 class Im2LatexDataset:
     """Formula images + token ids, bucketed by size. See the module docstring for the batches."""
 
-    def __init__(self, root: str, paths: Sequence[str], formulas: Sequence[str], widths: Sequence[int],
-                 heights: Sequence[int], ids: Sequence[np.ndarray], tokenizer_path: str | None = None,
-                 **settings):
+    def __init__(self, equations: str | os.PathLike | None = None,
+                 images: str | os.PathLike | None = None,
+                 tokenizer: str | os.PathLike | LatexTokenizer | None = None, *,
+                 progress: bool = False, **settings):
+        """An empty dataset, or (LaTeX-OCR's constructor) one built from the formula file
+        `equations`, the folder `images` and `tokenizer`, as `build` does."""
+        self._set_samples(os.getcwd(), [], [], [], [], [], None)
+        for key, value in SETTINGS.items():
+            setattr(self, key, value)
+        self._reset_caches()
+        if equations is not None or images is not None:
+            if equations is None or images is None or tokenizer is None:
+                raise DatasetError("Im2LatexDataset(equations, images, tokenizer): give the formula "
+                                   "file, the images folder and the tokenizer.json, or none of them")
+            self._read(images, equations, tokenizer, progress)
+        self.update(**settings)
+        if self.report is not None:
+            self._count_filtered()
+
+    def _set_samples(self, root, paths, formulas, widths, heights, ids, tokenizer_path) -> None:
         if not (len(paths) == len(formulas) == len(widths) == len(heights) == len(ids)):
             raise DatasetError("paths, formulas, widths, heights and ids must have the same length")
         self.root = os.path.abspath(root)
@@ -152,10 +189,16 @@ class Im2LatexDataset:
         self.ids = [np.asarray(t, dtype=np.int32) for t in ids]
         self.tokenizer_path = os.path.abspath(tokenizer_path) if tokenizer_path else None
         self.report: BuildReport | None = None
-        for key, value in SETTINGS.items():
-            setattr(self, key, value)
-        self._reset_caches()
-        self.update(**settings)
+
+    @classmethod
+    def from_samples(cls, root: str, paths: Sequence[str], formulas: Sequence[str],
+                     widths: Sequence[int], heights: Sequence[int], ids: Sequence[np.ndarray],
+                     tokenizer_path: str | None = None, **settings) -> "Im2LatexDataset":
+        """A dataset of given samples: image `paths` relative to `root`, their formulas, sizes and
+        token ids (without BOS/EOS) under `tokenizer_path`."""
+        ds = cls()
+        ds._set_samples(root, paths, formulas, widths, heights, ids, tokenizer_path)
+        return ds.update(**settings)
 
     # --- building -------------------------------------------------------------------------
     @classmethod
@@ -164,6 +207,9 @@ class Im2LatexDataset:
               **settings) -> "Im2LatexDataset":
         """Pair `images_dir/{i:07d}.png` with line i of `formulas_file`; `settings` as in `update`.
         Missing images are counted, unreadable ones listed with their path in `dataset.report`."""
+        return cls(formulas_file, images_dir, tokenizer, progress=progress, **settings)
+
+    def _read(self, images_dir, formulas_file, tokenizer, progress: bool) -> None:
         root = os.path.abspath(images_dir)
         if not os.path.isdir(root):
             raise DatasetError(f"images folder not found: {root}")
@@ -198,24 +244,43 @@ class Im2LatexDataset:
         # A character the tokenizer never saw becomes [UNK]: counted here; training skips such
         # labels (`skip_unknown`), evaluation keeps them (it scores the formula text).
         report.unknown_chars = sum(1 for t in ids if (t == UNK_ID).any())
-        ds = cls(root, paths, formulas, widths, heights, ids, tok.path, **settings)
-        ds._tokenizer = tok
-        reasons = ds._reasons()
-        report.too_small = reasons.count("too_small")
-        report.too_large = reasons.count("too_large")
-        report.too_long = reasons.count("too_long")
-        report.kept = reasons.count(None)
-        ds.report = report
-        return ds
+        self._set_samples(root, paths, formulas, widths, heights, ids, tok.path)
+        self._tokenizer = tok
+        self.report = report
+
+    def _count_filtered(self) -> None:
+        """The build report's counts of samples the size and length limits leave out."""
+        reasons = self._reasons()
+        self.report.too_small = reasons.count("too_small")
+        self.report.too_large = reasons.count("too_large")
+        self.report.too_long = reasons.count("too_long")
+        self.report.kept = reasons.count(None)
 
     # --- settings -------------------------------------------------------------------------
     def update(self, **settings) -> "Im2LatexDataset":
-        """Change settings (see SETTINGS); `test=True/False` is LaTeX-OCR's spelling of transform."""
+        """Change settings (see SETTINGS); `test=True/False` is LaTeX-OCR's spelling of transform.
+        A whole config may be passed, as LaTeX-OCR did (`update(**args)`): `tokenizer` (a path)
+        re-encodes the labels when its vocabulary differs, max/min_width/height set the
+        dimensions when max/min_dimensions are not given, and the config keys that concern the
+        model or the run (`config_only_keys`) change nothing. Any other key is an error."""
+        settings = dict(settings)
+        for side in ("max", "min"):
+            w, h = settings.pop(f"{side}_width", None), settings.pop(f"{side}_height", None)
+            if f"{side}_dimensions" not in settings and (w is not None or h is not None):
+                old = getattr(self, f"{side}_dimensions")
+                settings[f"{side}_dimensions"] = (old[0] if w is None else w, old[1] if h is None else h)
+        if settings.get("tokenizer") is not None:
+            self._use_tokenizer(settings.pop("tokenizer"))
+        ignored = config_only_keys() | {"tokenizer"} if set(settings) - set(SETTINGS) - {"test"} \
+            else set()
         for key, value in settings.items():
             if key == "test":
                 key, value = "transform", "test" if value else "train"
+            if key in ignored:
+                continue
             if key not in SETTINGS:
-                raise DatasetError(f"unknown dataset setting '{key}'; valid: {', '.join(SETTINGS)}, test")
+                raise DatasetError(f"unknown dataset setting '{key}'; valid: {', '.join(SETTINGS)}, "
+                                   f"test, tokenizer (and the config keys, which change nothing)")
             if key in ("min_dimensions", "max_dimensions"):
                 if len(value) != 2 or min(int(v) for v in value) <= 0:
                     raise DatasetError(f"{key} must be (width, height) > 0, got {value!r}")
@@ -227,7 +292,7 @@ class Im2LatexDataset:
                 value = int(value)
             elif key == "transform" and value not in ("train", "test"):
                 raise DatasetError(f"transform must be 'train' or 'test', got {value!r}")
-            elif key in ("shuffle", "keep_smaller_batches", "skip_unknown"):
+            elif key in ("shuffle", "keep_smaller_batches", "skip_unknown", "pad"):
                 value = bool(value)
             if key == "transform" and value != self.transform:
                 self._transform = None
@@ -238,6 +303,17 @@ class Im2LatexDataset:
 
     def settings(self) -> dict:
         return {key: getattr(self, key) for key in SETTINGS}
+
+    def _use_tokenizer(self, path: str | os.PathLike | LatexTokenizer) -> None:
+        """Label the samples with another tokenizer; encoded again when its vocabulary differs."""
+        tok = path if isinstance(path, LatexTokenizer) else load_tokenizer(path)
+        if tok.path and self.tokenizer_path and os.path.isfile(self.tokenizer_path):
+            with open(tok.path, "rb") as a, open(self.tokenizer_path, "rb") as b:
+                if a.read() == b.read():
+                    return
+        self.ids = [np.asarray(t, dtype=np.int32) for t in tok.encode_batch(self.formulas)]
+        self.tokenizer_path, self._tokenizer = tok.path, tok
+        self._indices = self._plan = None
 
     def _reset_caches(self) -> None:
         self._indices: list[int] | None = None  # samples that pass the filters
@@ -357,6 +433,11 @@ class Im2LatexDataset:
                 raise DatasetError(f"load_batch: sample {i} is {self.widths[i]}x{self.heights[i]}, sample "
                                    f"{indices[0]} is {size[0]}x{size[1]}; a batch must share one size")
             images.append(tf(image=img)["image"])
+        if self.pad:  # LaTeX-OCR's `pad`: every batch at max_dimensions, white right and below
+            from .transforms import MEAN, STD
+            (max_w, max_h), white = self.max_dimensions, (1.0 - MEAN) / STD
+            images = [torch.nn.functional.pad(im, (0, max_w - im.shape[-1], 0, max_h - im.shape[-2]),
+                                              value=white) for im in images]
         lengths = [len(self.ids[i]) for i in indices]
         tgt = torch.full((len(indices), max(lengths) + 2), PAD_ID, dtype=torch.long)
         for row, i in enumerate(indices):
@@ -445,42 +526,27 @@ class Im2LatexDataset:
         ids = np.split(flat, ends[:-1]) if len(ends) else []
         tok = state["tokenizer"]
         settings = {k: v for k, v in state["settings"].items() if k in SETTINGS}
-        ds = cls(folder, state["paths"], state["formulas"], state["widths"], state["heights"], ids,
-                 os.path.normpath(os.path.join(folder, tok)) if tok else None, **settings)
+        ds = cls.from_samples(folder, state["paths"], state["formulas"], state["widths"],
+                              state["heights"], ids,
+                              os.path.normpath(os.path.join(folder, tok)) if tok else None, **settings)
         if state.get("report"):
             ds.report = BuildReport(**state["report"])
             ds.report.corrupt = [tuple(c) for c in ds.report.corrupt]
         return ds
 
 
-class EpochBatches:
-    """The batches of one epoch as a map-style dataset whose items are whole batches; use it with
-    `DataLoader(EpochBatches(...), batch_size=None, num_workers=k)` (a DataLoader needs only
-    `__len__` and `__getitem__`).
-
-    Rank r of `world_size` takes batches start+r, start+r+world_size, ... of the epoch plan, and
-    every rank gets (len(plan) - start) // world_size of them (the remainder is dropped), so ranks
-    never overlap and step together. `start` skips batches already consumed (resume); the batch at
-    plan position g is always augmented with seed (seed, epoch, g), whatever the rank or world size.
-    """
-
-    def __init__(self, dataset: Im2LatexDataset, epoch: int, start: int = 0, rank: int = 0,
-                 world_size: int = 1):
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        if start < 0:
-            raise ValueError(f"start={start} must be >= 0")
-        self.dataset, self.epoch = dataset, int(epoch)
-        plan = dataset.batch_plan(self.epoch)
-        count = max(0, (len(plan) - start) // world_size)
-        self.positions = [start + rank + j * world_size for j in range(count)]  # plan positions
-        self.batches = [plan[g] for g in self.positions]
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.dataset.load_batch(self.batches[j], self.epoch, self.positions[j])
+def generate_tokenizer(equations: str | os.PathLike | Sequence[str | os.PathLike],
+                       output: str | os.PathLike, vocab_size: int = 8000) -> LatexTokenizer:
+    """LaTeX-OCR's name: train a tokenizer on the formula file(s) `equations` and save it to
+    `output`. It is this project's tokenizer (every LaTeX token kept whole, see tokenizer.py),
+    not LaTeX-OCR's byte-level BPE."""
+    paths = [equations] if isinstance(equations, (str, os.PathLike)) else list(equations)
+    formulas = read_formulas(paths)
+    if not formulas:
+        raise DatasetError(f"no formulas in {', '.join(map(str, paths))}")
+    tok = train_tokenizer(formulas, vocab_size)
+    tok.save(output)
+    return tok
 
 
 def main(argv: list[str] | None = None) -> None:

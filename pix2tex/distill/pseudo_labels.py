@@ -170,9 +170,10 @@ def make_pseudo_labels(teacher, data, out: str, *, beam_width: int = 5, batchsiz
                          f"keeps its outputs)")
     ids = [np.asarray(labels[i], dtype=np.int32) for i in keep]
     formulas = data.tokenizer.decode_batch([labels[i] for i in keep])
-    new = Im2LatexDataset(data.root, [data.paths[i] for i in keep], formulas,
-                          [data.widths[i] for i in keep], [data.heights[i] for i in keep], ids,
-                          data.tokenizer_path, **settings)
+    new = Im2LatexDataset.from_samples(data.root, [data.paths[i] for i in keep], formulas,
+                                       [data.widths[i] for i in keep],
+                                       [data.heights[i] for i in keep], ids, data.tokenizer_path,
+                                       **settings)
     new.save(out)
     atomic_write_text(list_path(out), "".join(f + "\n" for f in formulas))
     changed = sum(1 for i, f in zip(keep, formulas) if f != data.formulas[i])
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     from pix2tex.dataset.dataset import DatasetError, Im2LatexDataset
     from pix2tex.dataset.tokenizer import TokenizerError
     from pix2tex.distill.main import load_teacher
+    from pix2tex.models import resolve_device
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -223,9 +225,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError("no training data: pass --data train.pkl or set `data` in the config")
         if not out:
             raise ConfigError("no output: pass --out labels.pkl or set distill.pseudo_labels")
-        device = args.device or cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(args.device or cfg.device)
         teacher, tcfg, _ = load_teacher(args.teacher_ckpt or d.teacher_ckpt,
                                         args.teacher_config or d.teacher_config, device)
         data = Im2LatexDataset.load(data_path)
