@@ -4,7 +4,10 @@ Every key a config may hold is in DEFAULTS below (with its default). An unknown 
 is an error that names the key, the file and the closest valid key. LaTeX-OCR's flat optimizer
 keys (`lr`, `betas`, `optimizer: Adam`, `scheduler: StepLR`, `lr_step`, `gamma`, `load_chkpt`) are
 moved into their new places, and each move is reported in `Config.notes` for the entry point to
-print.
+print. Every other key of LaTeX-OCR's configs means what it meant there: `save_freq` counts
+epochs, `temperature` is the validation's sampling temperature, `pad` pads images to the largest
+size, `debug` without a `wandb` key logs to wandb unless it is true (as LaTeX-OCR did),
+`gpu_devices` picks the GPU(s).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "max_height": 192,
     "max_width": 672,
     "patch_size": 16,
-    "pad": False,  # LaTeX-OCR key, kept for compatibility (images are padded at render time)
+    "pad": False,  # pad every training/validation image to max_width x max_height (white)
     # --- model ----------------------------------------------------------------------------
     "encoder_structure": "hybrid",  # hybrid | vit | resnet
     "backbone_layers": [2, 3, 7],  # ResNetV2 stage depths of the hybrid encoder
@@ -74,16 +77,17 @@ DEFAULTS: dict[str, Any] = {
                   "cycle_steps": 0, "cycle_decay": 1.0},
     "grad_clip": 1.0,  # max gradient norm (0: no clipping)
     "sample_freq": 1000,  # validate every this many steps (and at each epoch end and max_steps)
-    "save_freq": 0,  # also save `last.pth` every this many steps (0: at validations only)
+    "save_freq": 0,  # keep the checkpoint of every n-th epoch's end, <name>_eNN.pth (0: none)
+    "save_steps": 0,  # also save `last.pth` every this many steps (0: at validations only)
     "log_freq": 10,  # append training loss/LR to metrics.jsonl every this many steps
     "valbatches": 100,  # validation batches that get generation metrics
     "val_beam_width": 1,
     "test_samples": 5,  # examples printed/logged at each validation
-    "temperature": 0.2,  # LaTeX-OCR key: sampling temperature for predictions
-    "best_metric": "bleu",  # bleu | edit_distance | token_accuracy | exact_match | val_loss
+    "temperature": 0.0,  # validation decoding: 0 greedy, > 0 sampling at this temperature (seeded)
+    "best_metric": "bleu",  # best.pth by this validation metric (VALIDATION_METRICS)
     "early_stopping": {"patience": 0, "monitor": None, "min_delta": 0.0},  # patience 0: off
     "fast_dev_run": False,  # a couple of train and val batches end to end, then stop
-    "debug": False,  # LaTeX-OCR key: like fast_dev_run
+    "debug": False,  # LaTeX-OCR's: given without `wandb`, wandb = not debug (_debug_means_wandb)
     # --- output ---------------------------------------------------------------------------
     "name": "pix2tex",
     "model_path": "checkpoints",  # runs go to model_path/name
@@ -91,7 +95,8 @@ DEFAULTS: dict[str, Any] = {
     "load_ckpt": None,  # checkpoint to start from / resume
     "wandb": False,
     "id": None,  # wandb run id
-    "gpu_devices": None,  # LaTeX-OCR key; use CUDA_VISIBLE_DEVICES / torchrun instead
+    "gpu_devices": None,  # CUDA device indices: [i] trains on cuda:i; under torchrun rank r
+    # takes the r-th (one process per GPU replaces LaTeX-OCR's DataParallel); null: cuda:0 / LOCAL_RANK
     # --- distillation (distill.py) --------------------------------------------------------
     "distill": {
         "teacher_config": None,
@@ -107,6 +112,10 @@ DEFAULTS: dict[str, Any] = {
         "beam_width": 5,
     },
 }
+
+# What a validation reports, so what `best_metric` and `early_stopping.monitor` may name.
+VALIDATION_METRICS = ("bleu", "edit_distance", "token_edit_accuracy", "token_accuracy",
+                      "exact_match", "val_loss")
 
 # LaTeX-OCR's flat keys and where they live now.
 RENAMED = {"lr": "optimizer.lr", "betas": "optimizer.betas", "lr_step": "scheduler.step_size",
@@ -150,6 +159,16 @@ def _migrate(raw: dict, notes: list[str]) -> dict:
             else:
                 raw.setdefault(group, value)
             notes.append(f"'{old}' is now '{new}'")
+    return raw
+
+
+def _debug_means_wandb(raw: dict, notes: list[str]) -> dict:
+    """LaTeX-OCR had no wandb key: it logged to wandb unless `debug` was true. The same here when
+    a config (file and overrides together) sets `debug` but not `wandb`."""
+    if isinstance(raw.get("debug"), bool) and "wandb" not in raw:
+        raw = {**raw, "wandb": not raw["debug"]}
+        notes.append(f"'debug: {str(raw['debug']).lower()}' without a 'wandb' key: wandb "
+                     f"{'on' if raw['wandb'] else 'off'}, as in LaTeX-OCR (set 'wandb' to choose)")
     return raw
 
 
@@ -253,6 +272,23 @@ def _check(cfg: dict, where: str) -> None:
     if cfg["scheduler"]["cycle_steps"] and sched != "cosine":
         raise ConfigError(f"{where}: scheduler.cycle_steps (warm restarts) needs scheduler.name: "
                           f"cosine, got {sched!r}")
+    for key, value in (("best_metric", cfg["best_metric"]),
+                       ("early_stopping.monitor", cfg["early_stopping"]["monitor"])):
+        if value is not None and value not in VALIDATION_METRICS:
+            raise ConfigError(f"{where}: {key} must be one of {', '.join(VALIDATION_METRICS)}, "
+                              f"got {value!r}")
+    if cfg["temperature"] < 0 or (cfg["temperature"] > 0 and cfg["val_beam_width"] > 1):
+        raise ConfigError(f"{where}: temperature must be >= 0 (0: greedy) and sampling "
+                          f"(temperature > 0) needs val_beam_width: 1, got temperature "
+                          f"{cfg['temperature']} and val_beam_width {cfg['val_beam_width']}")
+    for key in ("save_freq", "save_steps"):
+        if cfg[key] < 0:
+            raise ConfigError(f"{where}: {key} must be >= 0 (0: off), got {cfg[key]}")
+    gpus = cfg["gpu_devices"]
+    if gpus is not None and (not isinstance(gpus, list) or not gpus or not all(
+            isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus)):
+        raise ConfigError(f"{where}: gpu_devices must be null or a list of CUDA device indices "
+                          f"like [0] or [0, 1], got {gpus!r}")
     mb = cfg["micro_batchsize"]
     if mb not in (-1, None) and (mb <= 0 or cfg["batchsize"] % mb):
         raise ConfigError(f"{where}: micro_batchsize={mb} must divide batchsize={cfg['batchsize']}")
@@ -288,6 +324,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"{where}: {e}") from None
         raw = _migrate(raw, notes)
         where = f"{where} (with overrides {' '.join(overrides)})"
+    raw = _debug_means_wandb(raw, notes)
     merged = _merge(DEFAULTS, raw, where)
     _check(merged, where)
     cfg = Config.fromDict(merged)

@@ -7,6 +7,15 @@ against a references file (one formula per line), as the distillation seed's BLE
 
     python -m pix2tex.eval --predictions pred.txt --references ref.txt [--image-match]
     python -m pix2tex.eval --predictions outputs/eval/predictions.tsv   # re-score an earlier run
+
+A folder of your own images (screenshots, scans) is scored against their formulas, one per line in
+the images' name order (raw LaTeX is normalized first):
+
+    python -m pix2tex.eval --images my_images/ --references formulas.txt [--checkpoint ...]
+
+LaTeX-OCR's flags work as there: -c/--checkpoint, -d/--data, -b/--batchsize, -t/--temperature,
+-n/--num-batches, --no-cuda, --debug, --config. One difference: decoding is greedy unless -t is
+given (LaTeX-OCR sampled at 0.333 by default).
 """
 from __future__ import annotations
 
@@ -14,6 +23,7 @@ import argparse
 import csv
 import io
 import json
+import logging
 import os
 import sys
 import time
@@ -22,8 +32,8 @@ from typing import Sequence
 from pix2tex import metrics as M
 from pix2tex.fileio import atomic_write_text, file_sha256
 
-METRIC_ROWS = ("bleu", "edit_distance", "token_edit_accuracy", "token_accuracy", "exact_match",
-               "image_match", "n")
+METRIC_ROWS = ("bleu", "latex_ocr_bleu", "edit_distance", "token_edit_accuracy", "token_accuracy",
+               "exact_match", "image_match", "n")
 
 
 # --- running the model -----------------------------------------------------------------------
@@ -49,6 +59,7 @@ def evaluate(model, dataset, tokenizer, *, beam_width: int = 1, temperature: flo
     Returns (metrics as `metrics.compute_metrics`, one record per sample: `image`,
     `ground_truth`, `prediction`, `edit_distance` and, with image match, `image_match`).
     """
+    import numpy as np
     import torch
     from tqdm.auto import tqdm
 
@@ -70,6 +81,10 @@ def evaluate(model, dataset, tokenizer, *, beam_width: int = 1, temperature: flo
     matches = M.image_match(preds, refs, render_dir=render_dir, workers=workers,
                             progress=progress) if image_match else None
     scores = M.compute_metrics(preds, refs, image_matches=matches)
+    # LaTeX-OCR's own BLEU figure is this, over its evaluation batches: for comparisons with it
+    starts = np.cumsum([0] + [len(b) for b in plan])
+    scores["latex_ocr_bleu"] = M.latex_ocr_bleu(
+        preds, refs, batches=[range(a, b) for a, b in zip(starts[:-1], starts[1:])])
     records = []
     for k, (i, p, r) in enumerate(zip(indices, preds, refs)):
         rec = {"image": dataset.image_path(i), "ground_truth": r, "prediction": p,
@@ -130,7 +145,7 @@ def format_table(scores: dict) -> str:
         cells = []
         for _, col in columns:
             v = col.get(m)
-            cells.append(f"{v:>11d}" if m == "n" else f"{v:>11.4f}")
+            cells.append(f"{'-':>11}" if v is None else f"{v:>11d}" if m == "n" else f"{v:>11.4f}")
         lines.append(f"{m:<20}" + "".join(cells))
     return "\n".join(lines)
 
@@ -143,18 +158,24 @@ def _parser() -> argparse.ArgumentParser:
         description="Evaluate a checkpoint on a dataset pkl (BLEU-4, edit distances, token accuracy, "
                     "exact and image match, by reference length), or score a predictions file "
                     "against references without a model. Overrides are dotted key=value pairs.")
+    # LaTeX-OCR's short flags (-c -d -b -t -n) and --no-cuda / --debug work as there
     p.add_argument("--config", help="YAML config (default: the one stored in the checkpoint)")
-    p.add_argument("--checkpoint", help="model checkpoint (default: the config's load_ckpt; without "
-                                        "--config, the shipped model models/pix2tex.pth)")
-    p.add_argument("--data", help="dataset pkl (default: the config's testdata)")
+    p.add_argument("-c", "--checkpoint", help="model checkpoint (default: the config's load_ckpt; "
+                                              "without --config, the shipped model models/pix2tex.pth)")
+    p.add_argument("-d", "--data", help="dataset pkl (default: the config's testdata)")
+    p.add_argument("--images", help="score a folder of your own images instead of a pkl: its image "
+                                    "files in name order, paired line by line with --references")
     p.add_argument("--tokenizer", help="tokenizer.json (default: config, then checkpoint, then dataset)")
-    p.add_argument("--batchsize", type=int, help="images per batch (default: testbatchsize)")
+    p.add_argument("-b", "--batchsize", type=int, help="images per batch (default: testbatchsize)")
     p.add_argument("--beam-width", type=int, default=1, help="1: greedy/sampling; >1: beam search")
-    p.add_argument("--temperature", type=float,
-                   default=0.0, help="0: greedy (default); >0: seeded sampling at this temperature")
-    p.add_argument("--num-batches", type=int, help="evaluate only the first N batches")
+    p.add_argument("-t", "--temperature", type=float, default=0.0,
+                   help="0: greedy (default; LaTeX-OCR's default was sampling at 0.333); >0: seeded "
+                        "sampling at this temperature")
+    p.add_argument("-n", "--num-batches", type=int, help="evaluate only the first N batches")
     p.add_argument("--output", help="output folder (default: <output_path>/eval)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: the config's device)")
+    p.add_argument("--no-cuda", action="store_true", help="run on the CPU (= --device cpu)")
+    p.add_argument("--debug", action="store_true", help="DEBUG-level log messages")
     p.add_argument("--precision", choices=("fp32", "bf16", "int8", "auto"),
                    help="decoding precision (default: the config's eval_precision, fp32); int8 and "
                         "bf16 are faster on some CPUs but change outputs slightly")
@@ -164,7 +185,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--predictions", help="score this file instead of running a model: one formula "
                                          "per line, or a predictions.tsv written by eval")
-    p.add_argument("--references", help="reference formulas, one per line (with --predictions)")
+    p.add_argument("--references", help="reference formulas, one per line (with --predictions or "
+                                        "--images; raw LaTeX is normalized first)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
 
@@ -189,6 +211,47 @@ def score_files(args) -> tuple[dict, list[dict], dict]:
     return scores, [], settings
 
 
+def score_images(args) -> tuple[dict, list[dict], dict]:
+    """--images DIR --references FILE: read a folder of images with the model (the API's
+    preprocessing, scale normalization included) and score them against the references."""
+    from dataset_tools.normalize import NormalizeError, normalize
+    from pix2tex.predict import LatexOCR, expand_inputs
+
+    if not args.references:
+        raise ValueError(f"--images {args.images} needs --references FILE: the formula of each "
+                         f"image, one per line, in the images' name order")
+    if not os.path.isdir(args.images):
+        raise FileNotFoundError(f"--images: folder not found: {args.images}")
+    files = expand_inputs([args.images])
+    refs = read_lines(args.references)
+    if len(files) != len(refs):
+        raise ValueError(f"{args.images} has {len(files)} images but {args.references} has "
+                         f"{len(refs)} lines; they pair in order (image names sorted)")
+    not_normalized = []  # kept as written (whitespace collapsed), listed in metrics.json
+    for i, ref in enumerate(refs):
+        try:
+            refs[i] = normalize(ref)
+        except NormalizeError as e:
+            refs[i] = " ".join(ref.split())
+            not_normalized.append(f"{args.references}:{i + 1}: {e}")
+    device = "cpu" if args.no_cuda else (args.device or "auto")
+    precision = args.precision or "fp32"
+    ocr = LatexOCR(args.checkpoint, config=args.config, overrides=args.overrides,
+                   tokenizer=args.tokenizer, device=device, beam_width=args.beam_width,
+                   temperature=args.temperature, batch_size=args.batchsize or 16,
+                   precision=precision)
+    preds = ocr.batch(files)
+    matches = M.image_match(preds, refs, workers=args.workers, progress=not args.no_progress) \
+        if args.image_match else None
+    scores = M.compute_metrics(preds, refs, image_matches=matches)
+    records = [{"image": f, "prediction": p, "ground_truth": r} for f, p, r in zip(files, preds, refs)]
+    settings = {"checkpoint": ocr.checkpoint, "data": args.images, "references": args.references,
+                "beam_width": args.beam_width, "temperature": args.temperature,
+                "device": device, "precision": precision, "references_not_normalized": not_normalized,
+                "output": args.output or os.path.join("outputs", "eval")}
+    return scores, records, settings
+
+
 def run_model(args) -> tuple[dict, list[dict], dict]:
     """Load config, checkpoint, tokenizer and data as the options say, then `evaluate`."""
     import torch
@@ -197,7 +260,7 @@ def run_model(args) -> tuple[dict, list[dict], dict]:
     from pix2tex.config import ConfigError, load_config, to_dict
     from pix2tex.dataset.dataset import Im2LatexDataset
     from pix2tex.dataset.tokenizer import load_tokenizer
-    from pix2tex.models import get_model
+    from pix2tex.models import get_model, resolve_device
     from pix2tex.predict import default_checkpoint, resolve_tokenizer
 
     if args.config:
@@ -238,9 +301,7 @@ def run_model(args) -> tuple[dict, list[dict], dict]:
     # a checkpoint records its tokenizer's hash: refuse another one
     check_compatible(ckpt, to_dict(cfg), file_sha256(tok_path), checkpoint, tok_path)
 
-    device = args.device or cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device("cpu" if args.no_cuda else (args.device or cfg.device))
     model = get_model(cfg)
     load_model_weights(model, ckpt, checkpoint)
     batchsize = args.batchsize or cfg.testbatchsize
@@ -265,6 +326,8 @@ def run_model(args) -> tuple[dict, list[dict], dict]:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.debug:
+        logging.basicConfig(level=logging.DEBUG)
     errors: tuple = (ValueError, OSError)  # ConfigError, DatasetError, TokenizerError are ValueErrors
     if not args.predictions:  # scoring a file needs no torch
         from pix2tex.checkpoint import CheckpointError
@@ -273,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.predictions:
             scores, records, settings = score_files(args)
+        elif args.images:
+            scores, records, settings = score_images(args)
         else:
             scores, records, settings = run_model(args)
         output = args.output or settings.get("output")

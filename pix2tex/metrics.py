@@ -21,6 +21,9 @@ Predictions and references are normalized LaTeX strings: tokens separated by spa
 - `multi_line`: the same metrics on the references with rows (`array`, `matrix`, `cases`,
   `aligned`, or a `\\\\` row break), the structures printed formulas have that single-line
   training formulas lack; absent when there are none.
+- `latex_ocr_bleu` (eval.py): BLEU as LaTeX-OCR's eval.py reports it (its 0.88), for a like-for-like
+  comparison: torchtext's BLEU-4 on LaTeX-OCR's own tokenizer pieces, per evaluation batch, then
+  the mean over batches (`latex_ocr_bleu`).
 
 This module does not import torch; image match imports the renderer only when it is used.
 """
@@ -55,6 +58,61 @@ def bleu(preds: Sequence[str], refs: Sequence[str]) -> float:
     score = sacrebleu.corpus_bleu(list(preds), [list(refs)], tokenize="none", smooth_method="none",
                                   force=True)  # input is tokenized on purpose: no "detokenize" warning
     return score.score / 100.0
+
+
+# LaTeX-OCR's tokenizer: pix2tex 0.1.4's model/dataset/tokenizer.json (LaTeX-OCR, MIT license,
+# Lukas Blecher), a byte-level BPE. Its BLEU is computed on these pieces.
+LATEX_OCR_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                   "latex_ocr_tokenizer.json")
+
+
+def latex_ocr_tokens(formulas: Sequence[str], tokenizer_file: str = LATEX_OCR_TOKENIZER
+                     ) -> list[list[str]]:
+    """The tokens LaTeX-OCR's eval.py scores: its BPE pieces with the byte-level space mark 'Ġ'
+    turned into a space and stripped (a piece that was only a space stays, as an empty token)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer_file)
+    return [[piece.replace("\u0120", " ").strip() for piece in e.tokens]
+            for e in tok.encode_batch(list(formulas), add_special_tokens=False)]
+
+
+def ngram_bleu(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
+               max_n: int = 4) -> float:
+    """Corpus BLEU-4 of token lists, one reference each, as torchtext.data.metrics.bleu_score
+    (LaTeX-OCR's): clipped n-gram precisions with uniform weights, brevity penalty, 0 when any
+    order has no match."""
+    from collections import Counter
+
+    clipped, total = [0] * max_n, [0] * max_n
+    cand_len = ref_len = 0
+    for cand, ref in zip(candidates, references):
+        cand_len, ref_len = cand_len + len(cand), ref_len + len(ref)
+        for n in range(1, max_n + 1):
+            c = Counter(tuple(cand[i:i + n]) for i in range(len(cand) - n + 1))
+            r = Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1))
+            clipped[n - 1] += sum((c & r).values())
+            total[n - 1] += max(len(cand) - n + 1, 0)
+    if min(clipped) == 0:
+        return 0.0
+    log_p = sum(np.log(c / t) for c, t in zip(clipped, total)) / max_n
+    return float(np.exp(log_p) * np.exp(min(1 - ref_len / cand_len, 0)))
+
+
+def latex_ocr_bleu(preds: Sequence[str], refs: Sequence[str],
+                   batches: Sequence[Sequence[int]] | None = None, batch_size: int = 20,
+                   tokenizer_file: str = LATEX_OCR_TOKENIZER) -> float:
+    """BLEU as LaTeX-OCR's eval.py computes it: `ngram_bleu` on its tokenizer's pieces of each
+    batch (`batches`: lists of positions in preds/refs; default: consecutive runs of
+    `batch_size`), then the mean over batches."""
+    _check_pair(preds, refs)
+    if not preds:
+        return 0.0
+    if batches is None:
+        batches = [range(s, min(s + batch_size, len(preds))) for s in range(0, len(preds), batch_size)]
+    p_tok, r_tok = latex_ocr_tokens(preds, tokenizer_file), latex_ocr_tokens(refs, tokenizer_file)
+    scores = [ngram_bleu([p_tok[i] for i in b], [r_tok[i] for i in b]) for b in batches if len(b)]
+    return float(np.mean(scores))
 
 
 def _strip(s: str) -> str:

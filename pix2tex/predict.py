@@ -81,14 +81,6 @@ def known_keys(stored: dict) -> dict:
     return out
 
 
-def _pick_device(device: str):
-    import torch
-
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class LatexOCR:
     """Image of a formula -> LaTeX.
 
@@ -120,7 +112,7 @@ class LatexOCR:
         self.batch_size, self.max_pixels, self.precision = batch_size, max_pixels, precision
         if backend == "torch":
             from pix2tex.checkpoint import load_checkpoint, load_model_weights
-            from pix2tex.models import get_model
+            from pix2tex.models import get_model, resolve_device
             import torch
 
             if threads:
@@ -131,7 +123,7 @@ class LatexOCR:
                 raise ValueError(f"{self.checkpoint} holds no config (a bare weights file); pass "
                                  f"config=... (--config settings/....yaml) with the one it was trained with")
             self.cfg = load_config(config, overrides, base=None if config else known_keys(saved))
-            self.device = _pick_device(device)
+            self.device = resolve_device(device)
             self.model = get_model(self.cfg)
             load_model_weights(self.model, ckpt, source=self.checkpoint)
             self.model.to(self.device).eval()

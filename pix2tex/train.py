@@ -27,6 +27,7 @@ import copy
 import datetime
 import inspect
 import json
+import logging
 import math
 import os
 import random
@@ -42,13 +43,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pix2tex.checkpoint import (CheckpointError, check_compatible, load_checkpoint,
-                                load_model_weights, newest_checkpoint, remove_stale_temporaries,
-                                rng_state, save_checkpoint, set_rng_state)
+from pix2tex.checkpoint import (CheckpointError, check_compatible, is_training_state,
+                                load_checkpoint, load_model_weights, newest_checkpoint,
+                                remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
 from pix2tex.config import ConfigError, load_config, to_dict
 from pix2tex.fileio import file_sha256
 from pix2tex.malloc import keep_freed_memory
-from pix2tex.models import fused_norm
+from pix2tex.models import fused_norm, resolve_device
 
 # Metrics where a smaller value is better; every other one is maximized.
 LOWER_IS_BETTER = {"edit_distance", "val_loss"}
@@ -85,14 +86,23 @@ def setup_runtime(cfg) -> Runtime:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    want = str(cfg.device)
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={cfg.device!r} but CUDA is not available here; use device=cpu")
-    device = torch.device(want)
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if device.type == "cuda":
-        if world > 1:
+        gpus = cfg.get("gpu_devices")
+        if gpus and len(gpus) < world:
+            raise ConfigError(f"gpu_devices={gpus} names {len(gpus)} GPUs for {world} processes: "
+                              f"name one per process, or drop gpu_devices")
+        if gpus and world == 1 and len(gpus) > 1:
+            raise ConfigError(f"gpu_devices={gpus}: training on several GPUs is one process per GPU "
+                              f"here (LaTeX-OCR's DataParallel is not used): CUDA_VISIBLE_DEVICES="
+                              f"{','.join(map(str, gpus))} torchrun --nproc_per_node {len(gpus)} "
+                              f"-m pix2tex.train ... (and drop gpu_devices), or gpu_devices=[{gpus[0]}]")
+        if gpus:
+            device = torch.device("cuda", gpus[local_rank if world > 1 else 0])
+        elif world > 1:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -243,10 +253,10 @@ def prepare_datasets(cfg, train_data, val_data, rt: Runtime) -> list[str]:
     limits = dict(max_seq_len=cfg.max_seq_len, max_dimensions=(cfg.max_width, cfg.max_height),
                   min_dimensions=(cfg.min_width, cfg.min_height), seed=cfg.seed)
     train_data.update(batchsize=cfg.batchsize, shuffle=True, transform="train", skip_unknown=True,
-                      **limits)
+                      pad=cfg.pad, **limits)
     if val_data is not None:  # validate on every sample: keep each size's last, smaller batch
         val_data.update(batchsize=cfg.testbatchsize, shuffle=False, transform="test",
-                        keep_smaller_batches=True, **limits)
+                        keep_smaller_batches=True, pad=cfg.pad, **limits)
     lines = []
     for key, data in (("data", train_data), ("valdata", val_data)):
         if data is None:
@@ -259,7 +269,8 @@ def prepare_datasets(cfg, train_data, val_data, rt: Runtime) -> list[str]:
                               f"max_seq_len={cfg.max_seq_len} and images within {cfg.min_width}x"
                               f"{cfg.min_height} .. {cfg.max_width}x{cfg.max_height} (width x "
                               f"height){unknown}; raise those limits or rebuild the dataset")
-        odd = sorted((w, h) for w, h in data.buckets() if w % cfg.patch_size or h % cfg.patch_size)
+        odd = [] if cfg.pad else \
+            sorted((w, h) for w, h in data.buckets() if w % cfg.patch_size or h % cfg.patch_size)
         if odd:
             raise ConfigError(f"{where}: image sizes must be multiples of patch_size="
                               f"{cfg.patch_size}, but {len(odd)} sizes are not (e.g. {odd[0][0]}x"
@@ -372,9 +383,10 @@ def optimizer_step(model, optimizer, scheduler, grad_clip: float) -> float:
 @torch.no_grad()
 def validate(model, data, tokenizer, cfg, rt: Runtime, max_batches: int,
              should_stop: Callable[[], bool] = lambda: False) -> dict | None:
-    """Validation loss, and BLEU / edit distance / token accuracy of greedy (or beam) generation
-    decoded in `eval_precision`, on `max_batches` validation batches spread over all image sizes.
-    None when interrupted by a stop request."""
+    """Validation loss, and BLEU / edit distance / token accuracy of greedy (or beam) generation,
+    or sampling at `temperature` (seeded: every validation draws the same way), decoded in
+    `eval_precision`, on `max_batches` validation batches spread over all image sizes. None when
+    interrupted by a stop request."""
     from pix2tex.metrics import compute_metrics
 
     was_training = model.training
@@ -383,6 +395,7 @@ def validate(model, data, tokenizer, cfg, rt: Runtime, max_batches: int,
     preds: list[str] = []
     refs: list[str] = []
     devices = [rt.device] if rt.device.type == "cuda" else []
+    generator = torch.Generator(rt.device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
     try:
         with torch.random.fork_rng(devices=devices):
             plan = data.batch_plan(0)
@@ -403,8 +416,9 @@ def validate(model, data, tokenizer, cfg, rt: Runtime, max_batches: int,
                 # prediction cannot score better, so stop there instead of at max_seq_len.
                 # Outside autocast: eval_precision (fp32 by default) is what decodes, on any CPU.
                 max_len = min(cfg.max_seq_len, 2 * tgt.shape[1] + 8)
-                ids = model.generate(images, max_len=max_len, temperature=0.0,
-                                     beam_width=cfg.val_beam_width, precision=cfg.eval_precision)
+                ids = model.generate(images, max_len=max_len, temperature=cfg.temperature,
+                                     beam_width=cfg.val_beam_width, precision=cfg.eval_precision,
+                                     generator=generator)
                 n = target_tokens(tgt, cfg.pad_token)
                 loss_sum += float(loss) * n
                 tokens += n
@@ -529,8 +543,7 @@ class Progress:
 
 
 def run_folder(cfg) -> str:
-    fast = cfg.fast_dev_run or cfg.debug
-    return os.path.join(cfg.model_path, cfg.name + ("-fast_dev_run" if fast else ""))
+    return os.path.join(cfg.model_path, cfg.name + ("-fast_dev_run" if cfg.fast_dev_run else ""))
 
 
 def train(cfg, model: torch.nn.Module | None = None, loss_fn: LossFn | None = None,
@@ -540,8 +553,9 @@ def train(cfg, model: torch.nn.Module | None = None, loss_fn: LossFn | None = No
     `(loss, {part: value})`, token means; default: the model's own loss) on `train_data` /
     `val_data` (Im2LatexDataset; default: the config's `data` / `valdata` pkls). Under DDP the
     `model` that `loss_fn` receives is the DDP wrapper: call it (`model(images, tgt)`) so that
-    gradients are synchronized. `resume` continues from `load_ckpt`, or from the newest checkpoint
-    of the run folder. `echo` receives progress lines (None: silent, no progress bar).
+    gradients are synchronized. `resume` continues from `load_ckpt` if it is a training state,
+    else from the run folder's checkpoint with the highest step. `echo` receives progress lines
+    (None: silent, no progress bar).
 
     Returns a summary: final step and epoch, why it stopped, best metric, last validation metrics,
     run folder. torch's process-wide determinism switch is put back afterwards.
@@ -555,7 +569,7 @@ def train(cfg, model: torch.nn.Module | None = None, loss_fn: LossFn | None = No
 
 def _train(cfg, model, loss_fn, train_data, val_data, resume, echo) -> dict:
     cfg = copy.deepcopy(cfg)
-    if cfg.fast_dev_run or cfg.debug:  # a couple of train and val batches, end to end
+    if cfg.fast_dev_run:  # a couple of train and val batches, end to end
         cfg.max_steps = min(cfg.max_steps or 2, 2)
         cfg.sample_freq, cfg.valbatches, cfg.epochs = 2, min(cfg.valbatches, 2), 1
     rt = setup_runtime(cfg)
@@ -601,10 +615,17 @@ def _train(cfg, model, loss_fn, train_data, val_data, resume, echo) -> dict:
             raise CheckpointError(f"--resume: no load_ckpt set and no checkpoint in {run_dir}")
         ckpt = load_checkpoint(source)  # on the CPU: RNG states must stay there; the
         # optimizer's load_state_dict moves its tensors to the parameters' device
-        if "step" not in ckpt:
+        own = newest_checkpoint(run_dir) if not is_training_state(ckpt) else None
+        if own is not None:  # load_ckpt is the weights a fine-tuning run started from
+            source, ckpt = own, load_checkpoint(own)
+        if not is_training_state(ckpt):
             raise CheckpointError(f"{source} holds weights only, not a training state; start a "
                                   f"new run from it with load_ckpt={source} (without --resume)")
         check_compatible(ckpt, to_dict(cfg), tokenizer_sha, source)
+        if ckpt.get("best_metric") not in (None, cfg.best_metric):
+            raise ConfigError(f"{source}: its run keeps best.pth by {ckpt['best_metric']}, this config "
+                              f"by {cfg.best_metric}; set best_metric={ckpt['best_metric']} to resume "
+                              f"it, or start a new run")
         load_model_weights(model, ckpt, source)
         say(f"resuming from {source} at step {ckpt['step']} (epoch {ckpt['epoch']}, "
             f"batch {ckpt['batch_in_epoch']})")
@@ -616,7 +637,6 @@ def _train(cfg, model, loss_fn, train_data, val_data, resume, echo) -> dict:
     raw_model = model  # saved, validated and used for generation; `model` may be wrapped below
     optimizer = build_optimizer(cfg, raw_model)
     scheduler = build_scheduler(cfg, optimizer, total_steps(cfg, len(train_data.batch_plan(0))))
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=False)  # bf16 needs no loss scaling
 
     p = Progress()
     if ckpt is not None:
@@ -634,7 +654,6 @@ def _train(cfg, model, loss_fn, train_data, val_data, resume, echo) -> dict:
                 f"{optimizer.param_groups[0]['lr']:.3g}")
         else:
             scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt.get("scaler") or {})
         p = Progress(step=ckpt["step"], epoch=ckpt["epoch"], batch_in_epoch=ckpt["batch_in_epoch"],
                      best=ckpt.get("best"), best_step=ckpt.get("best_step"),
                      **ckpt.get("early_stopping", {}), validated=ckpt.get("validated", True))
@@ -667,7 +686,7 @@ def _train(cfg, model, loss_fn, train_data, val_data, resume, echo) -> dict:
         if rt.main:
             save_checkpoint({
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
+                "scheduler": scheduler.state_dict(), "rng": rng,
                 "epoch": p.epoch, "step": p.step, "batch_in_epoch": p.batch_in_epoch,
                 "best": p.best, "best_step": p.best_step, "best_metric": cfg.best_metric,
                 "early_stopping": {"monitor_best": p.monitor_best,
@@ -770,9 +789,12 @@ def _train(cfg, model, loss_fn, train_data, val_data, resume, echo) -> dict:
                     if cfg.early_stopping.patience and \
                             p.bad_validations >= cfg.early_stopping.patience:
                         reason = "early_stopping"
-                if p.validated or (cfg.save_freq and p.step % cfg.save_freq == 0):
+                if p.validated or (cfg.save_steps and p.step % cfg.save_steps == 0):
                     save("last.pth")
                     saved_step = p.step
+                if cfg.save_freq and p.batch_in_epoch == len(plan) and \
+                        (p.epoch + 1) % cfg.save_freq == 0:  # LaTeX-OCR's: every n-th epoch
+                    save(f"{cfg.name}_e{p.epoch + 1:02d}.pth")
                 if reason is None and p.step >= max_steps:
                     reason = "max_steps"
                 if reason is not None:
@@ -808,8 +830,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="settings/config.yaml", help="YAML config file")
     parser.add_argument("--resume", action="store_true",
                         help="continue from load_ckpt, or from the newest checkpoint of the run folder")
+    parser.add_argument("--no_cuda", "--no-cuda", action="store_true",
+                        help="train on the CPU (device=cpu), as LaTeX-OCR's flag")
+    parser.add_argument("--debug", action="store_true",
+                        help="as LaTeX-OCR's flag: debug=true, no wandb, DEBUG-level log messages")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    if args.no_cuda:
+        args.overrides = ["device=cpu", *args.overrides]
+    if args.debug:
+        args.overrides = ["debug=true", "wandb=false", *args.overrides]
+        logging.basicConfig(level=logging.DEBUG)
     from pix2tex.dataset.dataset import DatasetError
     from pix2tex.dataset.tokenizer import TokenizerError
     try:

@@ -1,4 +1,6 @@
 """Config loading: defaults, overrides, validation errors that name the key, LaTeX-OCR migration."""
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -79,3 +81,50 @@ def test_yaml_exponent_floats_and_type_errors(tmp_path):
         load_config(write(tmp_path, {"batchsize": "many"}))
     with pytest.raises(ConfigError, match="'deterministic' must be true or false"):
         load_config(write(tmp_path, {"deterministic": "yes please"}))
+
+
+LATEX_OCR = Path(__file__).resolve().parent / "fixtures" / "latex_ocr"  # its shipped configs
+
+
+def test_latex_ocr_shipped_configs_load_and_each_key_keeps_its_meaning():
+    cfg = load_config(LATEX_OCR / "config.yaml")
+    assert cfg.optimizer.name == "Adam" and cfg.optimizer.lr == 0.001
+    assert cfg.scheduler.name == "step" and cfg.scheduler.step_size == 30
+    assert cfg.save_freq == 5 and cfg.save_steps == 0  # every 5th epoch, as there
+    assert cfg.temperature == 0.2  # validation samples at 0.2, as there
+    assert cfg.pad is False and cfg.gpu_devices is None
+    # LaTeX-OCR logged to wandb unless debug: true; it had no wandb key
+    assert cfg.wandb is True and any("wandb on, as in LaTeX-OCR" in n for n in cfg.notes)
+    debug = load_config(LATEX_OCR / "debug.yaml")
+    assert debug.debug is True and debug.wandb is False
+    assert debug.max_width == 128 and debug.patch_size == 32 and debug.decoder_args.use_scalenorm
+    # an explicit wandb key wins; --debug (train.py) passes debug=true wandb=false
+    assert load_config(LATEX_OCR / "config.yaml", ["wandb=false"]).wandb is False
+    assert load_config(LATEX_OCR / "config.yaml", ["debug=true"]).wandb is False
+
+
+def test_our_configs_do_not_change_meaning(tmp_path):
+    cfg = load_config(write(tmp_path, {"dim": 64}))
+    assert cfg.wandb is False and cfg.temperature == 0.0 and not cfg.notes
+
+
+def test_latex_ocr_keys_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="gpu_devices must be null or a list"):
+        load_config(write(tmp_path, {"gpu_devices": "0,1"}))
+    with pytest.raises(ConfigError, match="gpu_devices"):
+        load_config(write(tmp_path, {"gpu_devices": [-1]}))
+    assert load_config(write(tmp_path, {"gpu_devices": [1]})).gpu_devices == [1]
+    with pytest.raises(ConfigError, match="val_beam_width"):
+        load_config(write(tmp_path, {"temperature": 0.2, "val_beam_width": 3}))
+    with pytest.raises(ConfigError, match="temperature must be >= 0"):
+        load_config(write(tmp_path, {"temperature": -1}))
+    with pytest.raises(ConfigError, match="save_freq must be >= 0"):
+        load_config(write(tmp_path, {"save_freq": -5}))
+
+
+def test_selection_metrics_are_checked_on_load(tmp_path):
+    with pytest.raises(ConfigError, match="best_metric must be one of bleu"):
+        load_config(write(tmp_path, {"best_metric": "blue"}))
+    with pytest.raises(ConfigError, match="early_stopping.monitor must be one of"):
+        load_config(write(tmp_path, {"early_stopping": {"patience": 2, "monitor": "loss"}}))
+    assert load_config(write(tmp_path, {"best_metric": "val_loss"})).best_metric == "val_loss"

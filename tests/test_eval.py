@@ -195,3 +195,43 @@ def test_a_tokenizer_mismatch_names_both_files(checkpoint, tiny_data, tmp_path, 
                              "--tokenizer", other], capsys)
     assert code == 2 and "another tokenizer" in err
     assert str(tiny_data.tokenizer) in err and str(other) in err and "None" not in err
+
+
+def test_latex_ocr_flags(checkpoint, tiny_data, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code, out, err = run_main(["-c", checkpoint, "-d", tiny_data.val_pkl, "-b", 2, "-t", 0, "-n", 1,
+                               "--no-cuda", "--output", out_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    settings = json.loads((out_dir / "metrics.json").read_text())["settings"]
+    assert settings["batchsize"] == 2 and settings["num_batches"] == 1
+    assert settings["device"] == "cpu" and settings["temperature"] == 0
+    assert len(read_tsv(out_dir / "predictions.tsv")) <= 2  # one batch of two
+
+
+def test_eval_a_folder_of_own_images(checkpoint, tiny_data, tmp_path, capsys):
+    import shutil
+
+    from dataset_tools.normalize import normalize
+    from pix2tex.dataset.dataset import Im2LatexDataset
+
+    val = Im2LatexDataset.load(tiny_data.val_pkl)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    refs = []
+    for k, i in enumerate(range(4)):  # renamed: pairing is by name order, not by index
+        shutil.copy(val.image_path(i), folder / f"shot_{k:02d}.png")
+        refs.append(val.formulas[i])
+    (tmp_path / "refs.txt").write_text("\n".join(refs) + "\n")
+    out_dir = tmp_path / "out"
+    code, out, err = run_main(["--checkpoint", checkpoint, "--images", folder, "--references",
+                               tmp_path / "refs.txt", "--output", out_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    report = json.loads((out_dir / "metrics.json").read_text())
+    assert report["metrics"]["n"] == 4 and report["settings"]["precision"] == "fp32"
+    rows = read_tsv(out_dir / "predictions.tsv")
+    assert [Path(r["image"]).name for r in rows] == [f"shot_{k:02d}.png" for k in range(4)]
+    assert [r["ground_truth"] for r in rows] == [normalize(f) for f in refs]
+    (tmp_path / "short.txt").write_text("\n".join(refs[:3]) + "\n")
+    code, _, err = run_main(["--checkpoint", checkpoint, "--images", folder, "--references",
+                             tmp_path / "short.txt", "--no-progress"], capsys)
+    assert code == 2 and "has 4 images" in err and "has 3 lines" in err

@@ -138,3 +138,21 @@ def test_image_match_renders_equivalent_spellings_equal(tmp_path):
     assert out["image_match"] == pytest.approx(0.5)
     assert out["exact_match"] == 0.0
     assert out["by_length"]["0-25"]["image_match"] == pytest.approx(0.5)
+
+
+def test_latex_ocr_bleu_is_its_eval_metric():
+    from pix2tex.metrics import latex_ocr_bleu, latex_ocr_tokens, ngram_bleu
+
+    # torchtext's formula: the same number as sacrebleu's corpus BLEU on plain tokens
+    cands = ["a b c d e f", "x + y = z ^ { 2 }", "\\frac { a } { b }"]
+    refs = ["a b c d e g", "x + y = z ^ { 3 }", "\\frac { a } { c }"]
+    assert ngram_bleu([c.split() for c in cands], [r.split() for r in refs]) == \
+        pytest.approx(M.bleu(cands, refs), abs=1e-9)
+    assert ngram_bleu([["a", "b"]], [["a", "b"]]) == 0.0  # no 4-gram: torchtext's 0
+    # LaTeX-OCR's byte-level pieces, with its space mark stripped
+    toks = latex_ocr_tokens(["\\frac { a } { b }"])[0]
+    assert "".join(toks) == "\\frac{a}{b}" and all("\u0120" not in t for t in toks)
+    # the mean over batches, as its eval.py reports it
+    good, bad = "\\frac { a } { b } + c ^ { 2 }", "y"
+    assert latex_ocr_bleu([good, good], [good, good], batch_size=1) == pytest.approx(1.0)
+    assert latex_ocr_bleu([good, bad], [good, good], batches=[[0], [1]]) == pytest.approx(0.5)

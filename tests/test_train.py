@@ -116,7 +116,7 @@ def resume_runs(tiny_data, tmp_path_factory):
         "straight": launch(config, "name=straight", f"max_steps={STEPS}"),
         "stopped": launch(config, "name=stopped", "max_steps=6"),
         "sigterm": launch(config, "name=sigterm", f"max_steps={STEPS}"),
-        "sigkill": launch(config, "name=sigkill", f"max_steps={STEPS}", "save_freq=1"),
+        "sigkill": launch(config, "name=sigkill", f"max_steps={STEPS}", "save_steps=1"),
     }
     stop_at(first["sigterm"], runs / "sigterm", 4, signal.SIGTERM)
     stop_at(first["sigkill"], runs / "sigkill", kill_step, signal.SIGKILL)
@@ -171,7 +171,7 @@ def test_sigkill_at_any_step_then_resume_is_bit_identical(resume_runs):
 
 def test_checkpoint_holds_what_a_resume_needs(resume_runs):
     ckpt = load_checkpoint(resume_runs["runs"] / "straight" / "last.pth")  # weights_only=True
-    for key in ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step",
+    for key in ("model", "optimizer", "scheduler", "rng", "epoch", "step",
                 "batch_in_epoch", "best", "config", "tokenizer", "tokenizer_sha256"):
         assert key in ckpt, key
     assert set(ckpt["rng"][0]) == {"python", "numpy", "torch", "cuda"}
@@ -349,6 +349,8 @@ def test_errors_before_training(tiny_data, tmp_path):
               resume=True)
     with pytest.raises(CheckpointError, match="no load_ckpt set and no checkpoint"):
         train(load_config(config, ["name=nothing"]), resume=True)
+    with pytest.raises(ConfigError, match="keeps best.pth by bleu, this config by val_loss"):
+        train(load_config(config, ["name=base", "best_metric=val_loss"]), resume=True)
 
 
 def test_resume_with_a_new_max_steps_follows_the_new_schedule(tiny_data, tmp_path):
@@ -394,3 +396,105 @@ def test_validation_subset_spans_all_image_sizes(tiny_data, tmp_path):
     # as many batches as the plan has, or more: all of them
     everything = validate(get_model(cfg), val, tok, cfg, rt, max_batches=len(plan) + 5)
     assert everything["n"] == sum(len(b) for b in plan)
+
+
+# --- LaTeX-OCR's configs and flags -----------------------------------------------------------------
+
+LATEX_OCR = REPO / "tests" / "fixtures" / "latex_ocr"  # its shipped config.yaml and debug.yaml
+
+
+def latex_ocr_overrides(tiny_data, tmp_path) -> list[str]:
+    """Only where the data is and what fits it: LaTeX-OCR's configs want 10 (8) images of one size
+    and images padded to max_width x max_height (pad=true, LaTeX-OCR's own key)."""
+    return [f"data={tiny_data.train_pkl}", f"valdata={tiny_data.val_pkl}",
+            f"tokenizer={tiny_data.tokenizer}", f"model_path={tmp_path / 'runs'}", "max_steps=2",
+            "batchsize=4", "testbatchsize=4", "valbatches=1", "max_width=256", "max_height=64",
+            "pad=true"]
+
+
+def test_latex_ocr_config_yaml_trains_two_steps(tiny_data, tmp_path, capsys):
+    # wandb=false: LaTeX-OCR's config.yaml logs to wandb (debug: false), not installed here
+    main(["--config", str(LATEX_OCR / "config.yaml"), "--no_cuda",
+          *latex_ocr_overrides(tiny_data, tmp_path), "wandb=false"])
+    out = capsys.readouterr()
+    assert "stopped (max_steps) at step 2" in out.out, out.err[-2000:]
+    ckpt = load_checkpoint(tmp_path / "runs" / "pix2tex" / "last.pth")
+    assert ckpt["config"]["device"] == "cpu" and ckpt["config"]["temperature"] == 0.2
+    assert ckpt["config"]["optimizer"]["name"] == "Adam" and ckpt["step"] == 2
+
+
+def test_latex_ocr_debug_yaml_trains_two_steps_with_its_flags(tiny_data, tmp_path):
+    proc = launch(LATEX_OCR / "debug.yaml", "--no_cuda", "--debug",
+                  *latex_ocr_overrides(tiny_data, tmp_path))
+    out = finish(proc, "debug.yaml")
+    assert "stopped (max_steps) at step 2" in out
+    ckpt = load_checkpoint(tmp_path / "runs" / "pix2tex" / "last.pth")  # no fast_dev_run folder
+    assert ckpt["config"]["debug"] is True and ckpt["config"]["wandb"] is False
+    assert ckpt["config"]["patch_size"] == 32 and ckpt["config"]["pad"] is True
+
+
+def test_save_freq_keeps_every_nth_epoch(tiny_data, tmp_path):
+    cfg = load_config(write_config(tmp_path, tiny_data, TINY),
+                      ["epochs=2", "save_freq=1", "sample_freq=1000", "name=ep"])
+    result = train(cfg)
+    per_epoch = batches_per_epoch(cfg)
+    assert result["reason"] == "epochs" and result["step"] == 2 * per_epoch
+    for epoch in (1, 2):
+        saved = load_checkpoint(tmp_path / "runs" / "ep" / f"ep_e{epoch:02d}.pth")
+        assert saved["step"] == epoch * per_epoch
+    assert not (tmp_path / "runs" / "ep" / "ep_e03.pth").exists()
+
+
+def test_validation_samples_at_the_config_temperature(tiny_data, tmp_path):
+    from pix2tex.models import get_model
+    from pix2tex.train import validate
+
+    cfg = load_config(write_config(tmp_path, tiny_data, TINY), ["valbatches=2"])
+    data = Im2LatexDataset.load(tiny_data.val_pkl)
+    rt = Runtime(torch.device("cpu"), None)
+    prepare_datasets(cfg, Im2LatexDataset.load(tiny_data.train_pkl), data, rt)
+    torch.manual_seed(0)
+    model = get_model(cfg)
+    tok = data.tokenizer
+    greedy = validate(model, data, tok, cfg, rt, 2)
+    cfg.temperature = 2.0  # an untrained model: hot sampling differs from greedy
+    hot = [validate(model, data, tok, cfg, rt, 2) for _ in range(2)]
+    assert hot[0]["examples"] == hot[1]["examples"]  # seeded: every validation draws the same
+    assert hot[0]["examples"] != greedy["examples"]
+
+
+def test_a_fine_tuning_run_resumes_itself(tiny_data, tmp_path):
+    from pix2tex.checkpoint import save_checkpoint
+
+    config = write_config(tmp_path, tiny_data, {**TINY, "sample_freq": 1000})
+    train(load_config(config, ["name=base", "max_steps=2"]))
+    base = load_checkpoint(tmp_path / "runs" / "base" / "last.pth")
+    save_checkpoint({"model": base["model"], "config": base["config"]}, tmp_path / "weights.pth")
+    tune = ["name=tune", f"load_ckpt={tmp_path / 'weights.pth'}"]
+    train(load_config(config, [*tune, "max_steps=2"]))  # starts from the weights
+    # the same fine-tuning config with --resume continues its own run, not the weights
+    result = train(load_config(config, [*tune, "max_steps=3"]), resume=True)
+    assert result["step"] == 3
+
+
+def test_batch_source_resumes_shards_and_loads_in_workers(tiny_data):
+    """The batches training reads: a resumed epoch skips the done ones and gets the same tensors,
+    DDP ranks split each batch, DataLoader workers load what the main process would."""
+    from pix2tex.train import BatchSource, epoch_batches
+
+    ds = Im2LatexDataset.load(tiny_data.train_pkl).update(batchsize=2, transform="train",
+                                                           keep_smaller_batches=True)
+    rt = Runtime(torch.device("cpu"), None)
+    plan = ds.batch_plan(1)
+    full, resumed = BatchSource(ds, 1, 0, rt), BatchSource(ds, 1, 5, rt)
+    assert len(full) == len(plan) and len(resumed) == len(plan) - 5
+    index, x, t, real = resumed[1]
+    assert index == 6 and real
+    assert torch.equal(x, full[6][1]) and torch.equal(t, full[6][2])
+    for k, (index, x, t, real) in enumerate(epoch_batches(ds, 1, 5, rt, num_workers=2, seed=0)):
+        if k >= 4:
+            break
+        assert index == 5 + k and torch.equal(x, resumed[k][1]) and torch.equal(t, resumed[k][2])
+    two = [BatchSource(ds, 1, 0, Runtime(torch.device("cpu"), None, rank=r, world=2)) for r in (0, 1)]
+    b = next(k for k, batch in enumerate(plan) if len(batch) == 2)
+    assert torch.equal(torch.cat([two[0][b][1], two[1][b][1]]), full[b][1])
