@@ -1,12 +1,16 @@
 """Checkpoints: one plain dict per file, written atomically, loaded with `weights_only=True`.
 
-A training checkpoint holds `model`, `optimizer`, `scheduler`, `scaler`, `rng`, `epoch`, `step`,
-`batch_in_epoch`, `best`, `config` (plain dict) and `tokenizer` (path). A LaTeX-OCR weights file
-(a bare state dict) loads too, for `load_model_weights`.
+A training checkpoint holds `model`, `optimizer`, `scheduler`, `rng`, `epoch`, `step`,
+`batch_in_epoch`, `best`, `config` (plain dict) and `tokenizer` (path). A bare state dict loads
+too. A LaTeX-OCR weights file is recognized and refused with the reason (`latex_ocr_reason`): its
+encoder's weights have our names and shapes, but its decoder (x-transformers 0.15) has biases in
+every layer norm, in the attention output and in the logits that x-transformers 2.x's decoder
+does not have, so no loading could give its outputs.
 """
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import torch
@@ -52,6 +56,9 @@ def load_model_weights(model: torch.nn.Module, ckpt: dict | str | os.PathLike, s
     # torch.compile and DDP prefix parameter names; strip them so any checkpoint loads anywhere.
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
+    reason = latex_ocr_reason(state)
+    if reason:
+        raise CheckpointError(f"{source or 'checkpoint'} is a LaTeX-OCR weights file: {reason}")
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -67,6 +74,21 @@ def load_model_weights(model: torch.nn.Module, ckpt: dict | str | os.PathLike, s
         raise CheckpointError(f"{source or 'checkpoint'} does not fit this model's architecture "
                               f"({'; '.join(detail)}); use the config it was trained with")
     model.load_state_dict(state)
+
+
+def latex_ocr_reason(state: dict) -> str | None:
+    """Why a LaTeX-OCR (x-transformers 0.15) state dict cannot load here, or None if `state` is
+    not one. Its decoder names (`decoder.net.token_emb.weight`, `decoder.net.norm.*`) tell it."""
+    if "decoder.net.token_emb.weight" not in state or "decoder.net.token_emb.emb.weight" in state:
+        return None
+    norm = re.compile(r"decoder\.net\.(norm|attn_layers\.layers\.\d+\.0)\.bias")
+    biases = [k for k in state if norm.fullmatch(k) or (k.startswith("decoder.net.") and k.endswith(
+        ("to_out.0.bias", "to_logits.bias")))]
+    return (f"its decoder has {len(biases)} bias tensors (layer norms, attention output, logits; "
+            f"e.g. {biases[0] if biases else 'decoder.net.norm.bias'}) that this decoder "
+            f"(x-transformers 2.x, bias-free layer norms) does not have, so its outputs cannot be "
+            f"reproduced; its encoder weights have this model's names. Train here (warm start "
+            f"from models/pix2tex.pth with load_ckpt=...) instead")
 
 
 # --- what a resume needs ----------------------------------------------------------------------
@@ -116,14 +138,31 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"][0])
 
 
+def is_training_state(ckpt) -> bool:
+    """A checkpoint a run can resume from (not weights only, not a release)."""
+    return isinstance(ckpt, dict) and isinstance(ckpt.get("step"), int) and "optimizer" in ckpt
+
+
 def newest_checkpoint(folder: str | os.PathLike) -> str | None:
-    """The most recently written `*.pth` in a run folder (temporary files excluded), or None."""
+    """The training state in a run folder with the highest step (`last.pth` on a tie), or None.
+    By step, not file time: a copied or touched file does not win. Weights-only files and
+    releases are not training states and are passed over."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         return None
-    paths = [os.path.join(folder, f) for f in os.listdir(folder)
-             if f.endswith(".pth") and not f.startswith(".tmp-")]
-    return max(paths, key=os.path.getmtime) if paths else None
+    found = []
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".pth") or name.startswith(".tmp-"):
+            continue
+        path = os.path.join(folder, name)
+        try:  # mmap: reads the small "step" entry, not the tensors
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: "
+                                  f"{e}); move it out of the run folder") from None
+        if is_training_state(state):
+            found.append((state["step"], name == "last.pth", path))
+    return max(found)[2] if found else None
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> None:
