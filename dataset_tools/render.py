@@ -277,11 +277,21 @@ def _png_name(index: int) -> str:
 
 # --- running TeX ---------------------------------------------------------------------------------
 
+# kpathsea variables without the TEX prefix that also redirect what TeX reads
+TEXMF_VARIABLES = {"BIBINPUTS", "BSTINPUTS", "ENCFONTS", "OPENTYPEFONTS", "PKFONTS", "T1FONTS",
+                   "TFMFONTS", "TTFONTS", "VFFONTS", "MFINPUTS", "MPINPUTS", "SYSTEXMF",
+                   "VARTEXFONTS", "DVIPSHEADERS", "openin_any", "openout_any", "shell_escape"}
+
 def _tex_env() -> dict[str, str]:
-    env = dict(os.environ, openin_any="p", openout_any="p", shell_escape="f",
+    """The environment TeX runs in: the caller's without any TeX search path or kpathsea setting
+    (TEXINPUTS, TEXMFHOME, TEXMFOUTPUT, ..., KPSE_*: a folder of look-alike .sty files in one
+    would change what every formula renders as, or read files paranoid mode keeps out), plus
+    paranoid file access, no shell escape, no font generation."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.upper().startswith(("TEX", "KPSE", "MKTEX")) and k not in TEXMF_VARIABLES}
+    env.update(openin_any="p", openout_any="p", shell_escape="f",
                max_print_line="10000", error_line="254", half_error_line="238",
                MKTEXTFM="0", MKTEXPK="0", MKTEXMF="0", MKTEXFMT="0")
-    env.pop("TEXMFOUTPUT", None)  # paranoid mode would allow absolute paths below it
     return env
 
 

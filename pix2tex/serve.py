@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import queue
 import threading
 import time
@@ -237,7 +238,9 @@ def create_app(model, limits: Limits | None = None):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "backend": model.backend, "checkpoint": model.checkpoint,
+        # the model's file name, not its path: a public endpoint does not show the server's folders
+        return {"status": "ok", "backend": model.backend,
+                "model": os.path.basename(os.path.normpath(model.checkpoint)),
                 "queued": inference.q.qsize(), "batches": inference.batches, "pages": inference.pages,
                 "forward_passes": inference.forward_passes,
                 "limits": limits.__dict__}

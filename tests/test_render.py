@@ -203,3 +203,14 @@ def test_cli_writes_rejects_beside_the_folder(tmp_path):
 def test_does_not_import_torch():
     code = "import sys, dataset_tools.render; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+
+
+def test_tex_search_paths_in_the_environment_are_ignored(tmp_path, monkeypatch):
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "amsmath.sty").write_text("\\errmessage{a look-alike amsmath}\n")
+    monkeypatch.setenv("TEXINPUTS", f"{evil}//:")
+    monkeypatch.setenv("TEXMFHOME", str(evil))
+    monkeypatch.setenv("KPSE_DOT", str(evil))
+    res = render_formulas(GOOD[:2], tmp_path / "img", **ONE_STYLE)
+    assert res.rejected == {} and sorted(res.rendered) == [0, 1]

@@ -134,6 +134,8 @@ def assert_healthy(server, ocr, image):
 def test_health(server):
     status, body, _ = request(server.port, "GET", "/health")
     assert status == 200 and body["status"] == "ok" and body["backend"] == "torch"
+    assert "/" not in json.dumps(body)  # no file paths of the server
+    assert body["model"] == "last.pth"
 
 
 def test_predict_matches_the_api(server, ocr, images):
