@@ -280,7 +280,7 @@ def _png_name(index: int) -> str:
 # kpathsea variables without the TEX prefix that also redirect what TeX reads
 TEXMF_VARIABLES = {"BIBINPUTS", "BSTINPUTS", "ENCFONTS", "OPENTYPEFONTS", "PKFONTS", "T1FONTS",
                    "TFMFONTS", "TTFONTS", "VFFONTS", "MFINPUTS", "MPINPUTS", "SYSTEXMF",
-                   "VARTEXFONTS", "DVIPSHEADERS", "openin_any", "openout_any", "shell_escape"}
+                   "VARTEXFONTS", "DVIPSHEADERS"}
 
 def _tex_env() -> dict[str, str]:
     """The environment TeX runs in: the caller's without any TeX search path or kpathsea setting

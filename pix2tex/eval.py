@@ -59,7 +59,6 @@ def evaluate(model, dataset, tokenizer, *, beam_width: int = 1, temperature: flo
     Returns (metrics as `metrics.compute_metrics`, one record per sample: `image`,
     `ground_truth`, `prediction`, `edit_distance` and, with image match, `image_match`).
     """
-    import numpy as np
     import torch
     from tqdm.auto import tqdm
 
@@ -71,10 +70,12 @@ def evaluate(model, dataset, tokenizer, *, beam_width: int = 1, temperature: flo
     model.to(device)
     indices: list[int] = []
     preds: list[str] = []
+    positions: list[range] = []  # each batch's positions in preds (LaTeX-OCR's BLEU is per batch)
     for b, batch in enumerate(tqdm(plan, desc="eval", unit="batch", disable=not progress)):
         images, _ = dataset.load_batch(batch, 0, b)
         ids = model.generate(images.to(device), max_len=max_len, temperature=temperature,
                              beam_width=beam_width, generator=generator, precision=precision)
+        positions.append(range(len(preds), len(preds) + len(batch)))
         preds += tokenizer.decode_batch(ids.tolist())
         indices += list(batch)
     refs = [dataset.formula(i) for i in indices]
@@ -82,9 +83,7 @@ def evaluate(model, dataset, tokenizer, *, beam_width: int = 1, temperature: flo
                             progress=progress) if image_match else None
     scores = M.compute_metrics(preds, refs, image_matches=matches)
     # LaTeX-OCR's own BLEU figure is this, over its evaluation batches: for comparisons with it
-    starts = np.cumsum([0] + [len(b) for b in plan])
-    scores["latex_ocr_bleu"] = M.latex_ocr_bleu(
-        preds, refs, batches=[range(a, b) for a, b in zip(starts[:-1], starts[1:])])
+    scores["latex_ocr_bleu"] = M.latex_ocr_bleu(preds, refs, batches=positions)
     records = []
     for k, (i, p, r) in enumerate(zip(indices, preds, refs)):
         rec = {"image": dataset.image_path(i), "ground_truth": r, "prediction": p,
@@ -191,6 +190,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def score_predictions(preds: list[str], refs: list[str], args) -> dict:
+    """The metrics of predictions made outside `evaluate` (image match with --image-match)."""
+    matches = M.image_match(preds, refs, workers=args.workers, progress=not args.no_progress) \
+        if args.image_match else None
+    return M.compute_metrics(preds, refs, image_matches=matches)
+
+
 def score_files(args) -> tuple[dict, list[dict], dict]:
     """--predictions [--references]: metrics of a predictions file, no model."""
     if args.references:
@@ -204,9 +210,7 @@ def score_files(args) -> tuple[dict, list[dict], dict]:
         preds, refs = read_predictions_tsv(args.predictions)
     else:
         raise ValueError(f"--predictions {args.predictions} needs --references (one formula per line)")
-    matches = M.image_match(preds, refs, workers=args.workers, progress=not args.no_progress) \
-        if args.image_match else None
-    scores = M.compute_metrics(preds, refs, image_matches=matches)
+    scores = score_predictions(preds, refs, args)
     settings = {"predictions": args.predictions, "references": args.references or args.predictions}
     return scores, [], settings
 
@@ -234,16 +238,14 @@ def score_images(args) -> tuple[dict, list[dict], dict]:
         except NormalizeError as e:
             refs[i] = " ".join(ref.split())
             not_normalized.append(f"{args.references}:{i + 1}: {e}")
-    device = "cpu" if args.no_cuda else (args.device or "auto")
+    device = args.device or "auto"
     precision = args.precision or "fp32"
     ocr = LatexOCR(args.checkpoint, config=args.config, overrides=args.overrides,
                    tokenizer=args.tokenizer, device=device, beam_width=args.beam_width,
                    temperature=args.temperature, batch_size=args.batchsize or 16,
                    precision=precision)
     preds = ocr.batch(files)
-    matches = M.image_match(preds, refs, workers=args.workers, progress=not args.no_progress) \
-        if args.image_match else None
-    scores = M.compute_metrics(preds, refs, image_matches=matches)
+    scores = score_predictions(preds, refs, args)
     records = [{"image": f, "prediction": p, "ground_truth": r} for f, p, r in zip(files, preds, refs)]
     settings = {"checkpoint": ocr.checkpoint, "data": args.images, "references": args.references,
                 "beam_width": args.beam_width, "temperature": args.temperature,
@@ -301,7 +303,7 @@ def run_model(args) -> tuple[dict, list[dict], dict]:
     # a checkpoint records its tokenizer's hash: refuse another one
     check_compatible(ckpt, to_dict(cfg), file_sha256(tok_path), checkpoint, tok_path)
 
-    device = resolve_device("cpu" if args.no_cuda else (args.device or cfg.device))
+    device = resolve_device(args.device or cfg.device)
     model = get_model(cfg)
     load_model_weights(model, ckpt, checkpoint)
     batchsize = args.batchsize or cfg.testbatchsize
@@ -328,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.debug:
         logging.basicConfig(level=logging.DEBUG)
+    if args.no_cuda:  # LaTeX-OCR's flag
+        args.device = "cpu"
     errors: tuple = (ValueError, OSError)  # ConfigError, DatasetError, TokenizerError are ValueErrors
     if not args.predictions:  # scoring a file needs no torch
         from pix2tex.checkpoint import CheckpointError

@@ -110,7 +110,8 @@ def latex_ocr_bleu(preds: Sequence[str], refs: Sequence[str],
         return 0.0
     if batches is None:
         batches = [range(s, min(s + batch_size, len(preds))) for s in range(0, len(preds), batch_size)]
-    p_tok, r_tok = latex_ocr_tokens(preds, tokenizer_file), latex_ocr_tokens(refs, tokenizer_file)
+    tokens = latex_ocr_tokens([*preds, *refs], tokenizer_file)  # one tokenizer load
+    p_tok, r_tok = tokens[:len(preds)], tokens[len(preds):]
     scores = [ngram_bleu([p_tok[i] for i in b], [r_tok[i] for i in b]) for b in batches if len(b)]
     return float(np.mean(scores))
 

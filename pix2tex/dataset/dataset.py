@@ -34,7 +34,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
-from pix2tex.fileio import atomic_open
+from pix2tex.fileio import atomic_open, file_sha256
 
 from .tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, LatexTokenizer, load_tokenizer,
                         read_formulas, train_tokenizer)
@@ -145,6 +145,12 @@ def _rebase(paths: Sequence[str], old_root: str, new_root: str) -> list[str]:
             cache[folder] = os.path.relpath(os.path.join(old_root, folder), new_root)
         out.append(os.path.normpath(os.path.join(cache[folder], name)))
     return out
+
+
+def _same_content(a: str | None, b: str | None) -> bool:
+    """Both files exist and hold the same bytes (two copies of one tokenizer)."""
+    sha = file_sha256(a)
+    return sha is not None and sha == file_sha256(b)
 
 
 def read_formula_lines(path: str | os.PathLike) -> list[str]:
@@ -271,8 +277,7 @@ class Im2LatexDataset:
                 settings[f"{side}_dimensions"] = (old[0] if w is None else w, old[1] if h is None else h)
         if settings.get("tokenizer") is not None:
             self._use_tokenizer(settings.pop("tokenizer"))
-        ignored = config_only_keys() | {"tokenizer"} if set(settings) - set(SETTINGS) - {"test"} \
-            else set()
+        ignored = config_only_keys() | {"tokenizer"}
         for key, value in settings.items():
             if key == "test":
                 key, value = "transform", "test" if value else "train"
@@ -307,10 +312,8 @@ class Im2LatexDataset:
     def _use_tokenizer(self, path: str | os.PathLike | LatexTokenizer) -> None:
         """Label the samples with another tokenizer; encoded again when its vocabulary differs."""
         tok = path if isinstance(path, LatexTokenizer) else load_tokenizer(path)
-        if tok.path and self.tokenizer_path and os.path.isfile(self.tokenizer_path):
-            with open(tok.path, "rb") as a, open(self.tokenizer_path, "rb") as b:
-                if a.read() == b.read():
-                    return
+        if _same_content(tok.path, self.tokenizer_path):
+            return
         self.ids = [np.asarray(t, dtype=np.int32) for t in tok.encode_batch(self.formulas)]
         self.tokenizer_path, self._tokenizer = tok.path, tok
         self._indices = self._plan = None
@@ -460,13 +463,7 @@ class Im2LatexDataset:
     def combine(self, other: "Im2LatexDataset") -> "Im2LatexDataset":
         """Append `other`'s samples to this dataset (in place; returns self)."""
         if other.tokenizer_path and self.tokenizer_path and other.tokenizer_path != self.tokenizer_path:
-            same = False
-            try:
-                with open(self.tokenizer_path, "rb") as a, open(other.tokenizer_path, "rb") as b:
-                    same = a.read() == b.read()
-            except OSError:
-                pass
-            if not same:
+            if not _same_content(self.tokenizer_path, other.tokenizer_path):
                 raise DatasetError(f"cannot combine datasets with different tokenizers: "
                                    f"{self.tokenizer_path} and {other.tokenizer_path}")
         self.paths += _rebase(other.paths, other.root, self.root)
