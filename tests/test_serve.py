@@ -301,9 +301,21 @@ def wait_for_state(driver, states=("done", "error"), timeout=60):
     return driver.execute_script("return document.body.dataset.state")
 
 
-def open_page(driver, server):
+def open_page(driver, server, timeout=30):
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
     driver.get(server.url + "/")
-    assert driver.execute_script("return typeof katex") == "object"  # served from /static
+    # KaTeX is a deferred script served from /static; a loaded CI machine can still be running it
+    # when `get` returns, so wait for it, and say what the page had loaded when it never comes.
+    try:
+        WebDriverWait(driver, timeout).until(
+            lambda d: d.execute_script("return typeof katex") == "object")
+    except TimeoutException:
+        state = driver.execute_script(
+            "return [document.readyState, performance.getEntriesByType('resource')"
+            ".map(e => e.name + ' ' + e.responseStatus)]")
+        pytest.fail(f"KaTeX not loaded from /static after {timeout} s: readyState, resources = {state}")
 
 
 def test_page_upload_shows_latex_copy_and_rendering(browser, server, ocr, images):
