@@ -150,6 +150,9 @@ def test_resume_after_stop_is_bit_identical(resume_runs):
     assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (6, (6 - 1) // n, (6 - 1) % n + 1)
     assert "resuming from" in resume_runs["outputs"]["stopped_resumed"]
     assert_same_state(runs / "straight" / "last.pth", runs / "stopped" / "last.pth")
+    # the run keeps its id (wandb's run id) across the resume; another run has its own
+    resumed, straight = (load_checkpoint(runs / n / "last.pth") for n in ("stopped", "straight"))
+    assert resumed["run_id"] == ckpt["run_id"] != straight["run_id"]
 
 
 def test_sigterm_saves_then_resume_is_bit_identical(resume_runs):
