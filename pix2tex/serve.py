@@ -169,6 +169,31 @@ class LimitBody:
             await refusal(scope, receive, send)
 
 
+async def recognize_upload(model, inference: "InferenceQueue", decoders: ThreadPoolExecutor,
+                           limits: Limits, data: bytes, name: str, deadline: float) -> dict:
+    """Decode, preprocess and recognize one upload; errors become a status and a message."""
+    t0 = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    try:
+        page = await asyncio.wait_for(loop.run_in_executor(decoders, model.preprocess, data, limits.max_pixels),
+                                      max(0.0, deadline - time.monotonic()))
+        if page is None:
+            latex = ""  # a blank image: nothing to recognize
+        else:
+            latex = await asyncio.wait_for(inference.submit(page), max(0.0, deadline - time.monotonic()))
+    except ImageTooLarge as e:
+        return {"file": name, "status": 413, "error": str(e)}
+    except ImageError as e:
+        return {"file": name, "status": 422, "error": str(e)}
+    except QueueFull as e:
+        return {"file": name, "status": 503, "error": str(e)}
+    except asyncio.TimeoutError:
+        return {"file": name, "status": 504, "error": f"no result within the {limits.timeout:g} s limit"}
+    except Exception as e:  # a model failure: say so, keep serving
+        return {"file": name, "status": 500, "error": f"inference failed: {type(e).__name__}: {e}"}
+    return {"file": name, "latex": latex, "seconds": round(time.perf_counter() - t0, 4)}
+
+
 def create_app(model, limits: Limits | None = None):
     """The FastAPI app around a loaded `LatexOCR` (its inference thread runs while the app does)."""
     limits = limits or Limits()
@@ -193,28 +218,8 @@ def create_app(model, limits: Limits | None = None):
         return JSONResponse({"detail": f"send the image as multipart/form-data field '{field}' "
                                        f"(problem with: {fields})"}, status_code=422)
 
-    async def one(data: bytes, name: str, deadline: float) -> dict:
-        """Decode, preprocess and recognize one upload; errors become a status and a message."""
-        t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        try:
-            page = await asyncio.wait_for(loop.run_in_executor(decoders, model.preprocess, data, limits.max_pixels),
-                                          max(0.0, deadline - time.monotonic()))
-            if page is None:
-                latex = ""  # a blank image: nothing to recognize
-            else:
-                latex = await asyncio.wait_for(inference.submit(page), max(0.0, deadline - time.monotonic()))
-        except ImageTooLarge as e:
-            return {"file": name, "status": 413, "error": str(e)}
-        except ImageError as e:
-            return {"file": name, "status": 422, "error": str(e)}
-        except QueueFull as e:
-            return {"file": name, "status": 503, "error": str(e)}
-        except asyncio.TimeoutError:
-            return {"file": name, "status": 504, "error": f"no result within the {limits.timeout:g} s limit"}
-        except Exception as e:  # a model failure: say so, keep serving
-            return {"file": name, "status": 500, "error": f"inference failed: {type(e).__name__}: {e}"}
-        return {"file": name, "latex": latex, "seconds": round(time.perf_counter() - t0, 4)}
+    def one(data: bytes, name: str, deadline: float):
+        return recognize_upload(model, inference, decoders, limits, data, name, deadline)
 
     @app.post("/predict")
     async def predict(file: UploadFile = File(...)):
