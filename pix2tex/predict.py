@@ -129,7 +129,7 @@ class LatexOCR:
             self.model.to(self.device).eval()
             tok_candidates = [tokenizer, self.cfg.get("tokenizer"), ckpt.get("tokenizer")]
         elif backend == "onnx":
-            from pix2tex.export import OnnxModel
+            from pix2tex.onnx_model import OnnxModel
 
             self.model = OnnxModel(self.checkpoint, threads=threads)
             self.cfg = load_config(config, overrides, base=None if config else known_keys(self.model.config))

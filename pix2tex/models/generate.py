@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from pix2tex.special_tokens import mask_pad_bos
+
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Logits with everything outside the top-k and outside the top-p nucleus set to -inf."""
@@ -42,11 +44,9 @@ def sample(state, batch: int, max_len: int, bos: int, eos: int, pad: int, temper
     rows = torch.arange(batch, device=device)  # original row of each active row
     tokens = torch.full((batch,), bos, dtype=torch.long, device=device) if first is None \
         else first.to(device=device, dtype=torch.long)
-    never = [t for t in (pad, bos) if t != eos]  # never valid outputs (unless asked to end on one)
     length = 0
     for t in range(max_len):
-        logits = state.step(tokens)
-        logits[:, never] = float("-inf")
+        logits = mask_pad_bos(state.step(tokens), bos, eos, pad)  # as the ONNX loop does
         if t < min_len:
             logits[:, eos] = float("-inf")
         tokens = next_tokens(logits, temperature, top_k, top_p, generator)
@@ -83,8 +83,7 @@ def beam_search(state, batch: int, beam_width: int, max_len: int, bos: int, eos:
     tokens = torch.full((batch * k,), bos, dtype=torch.long, device=device)
     offsets = (torch.arange(batch, device=device) * k)[:, None]
     for t in range(max_len):
-        logits = state.step(tokens)
-        logits[:, [pad, bos]] = neg_inf  # never valid outputs
+        logits = mask_pad_bos(state.step(tokens), bos, eos, pad)
         logp = logits.log_softmax(dim=-1)  # [B*k, V]
         if t < min_len:
             logp[:, eos] = neg_inf
