@@ -20,6 +20,10 @@ stops at once.
 """
 from __future__ import annotations
 
+from pix2tex.extras import require
+
+require("train", __name__)  # first: without the train extra, say what to install
+
 import argparse
 import bisect
 import contextlib
@@ -562,6 +566,7 @@ class Run:
     tokenizer_sha: str
     run_dir: str
     run_id: str  # kept across resumes: the wandb run id, so a resumed run continues its curves
+    valdata_sha: str | None  # the validation pkl's content: best values compare on one set only
     micro: int  # micro batch size
     p: Progress
     log: MetricsLog
@@ -766,7 +771,8 @@ def save_state(run: Run, name: str, interrupted: bool = False) -> None:
                                "bad_validations": p.bad_validations},
             "validated": p.validated, "interrupted": interrupted,
             "metrics": _numbers(run.last_val or {}), "world_size": run.rt.world,
-            "run_id": run.run_id, "config": to_dict(cfg), "tokenizer": run.tokenizer_path,
+            "run_id": run.run_id, "valdata_sha256": run.valdata_sha,
+            "config": to_dict(cfg), "tokenizer": run.tokenizer_path,
             "tokenizer_sha256": run.tokenizer_sha}, os.path.join(run.run_dir, name))
     if name == "last.pth":
         run.saved_step = p.step
@@ -810,8 +816,16 @@ def start_run(cfg, model, loss_fn, train_data, val_data, resume: bool, echo) -> 
         say(f"starting from the weights of {cfg.load_ckpt}")
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, total_steps(cfg, len(train_data.batch_plan(0))))
+    valdata_sha = file_sha256(cfg.valdata) if val_data is not None and cfg.valdata else None
     if ckpt is not None:
         p = restore_progress(ckpt, optimizer, scheduler, cfg, rt, say)
+        if ckpt.get("valdata_sha256") and valdata_sha and ckpt["valdata_sha256"] != valdata_sha:
+            # a best value measured on other validation formulas says nothing about these
+            p.best = p.best_step = p.monitor_best = None
+            p.bad_validations = 0
+            say(f"note: the validation set {cfg.valdata} is not the one this run validated on so "
+                f"far: its best {cfg.best_metric} starts afresh (best.pth is replaced at the next "
+                f"validation)")
     else:
         p = Progress()
         seed_everything(cfg.seed + rt.rank)
@@ -830,7 +844,8 @@ def start_run(cfg, model, loss_fn, train_data, val_data, resume: bool, echo) -> 
     return Run(cfg=cfg, rt=rt, model=wrapped, raw_model=model, loss_fn=loss_fn or default_loss,
                optimizer=optimizer, scheduler=scheduler, train_data=train_data,
                val_data=val_data, tokenizer=tokenizer, tokenizer_path=tokenizer_path,
-               tokenizer_sha=tokenizer_sha, run_dir=run_dir, run_id=run_id, micro=micro, p=p,
+               tokenizer_sha=tokenizer_sha, run_dir=run_dir, run_id=run_id,
+               valdata_sha=valdata_sha, micro=micro, p=p,
                log=MetricsLog(run_dir, cfg, enabled=rt.main, run_id=run_id), stop=StopRequest(),
                say=say, echo=echo, saved_step=p.step if ckpt is not None else -1)
 

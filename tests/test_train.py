@@ -480,6 +480,21 @@ def test_a_fine_tuning_run_resumes_itself(tiny_data, tmp_path):
     assert result["step"] == 3
 
 
+def test_resume_on_another_validation_set_starts_its_best_afresh(tiny_data, tmp_path):
+    config = write_config(tmp_path, tiny_data, {**TINY, "sample_freq": 2})
+    assert train(load_config(config, ["name=v", "max_steps=2"]))["best_step"] == 2
+    lines = []
+    # same validation set: the stored best carries over
+    same = train(load_config(config, ["name=v", "max_steps=4"]), resume=True, echo=lines.append)
+    assert not any("afresh" in line for line in lines) and same["best"] is not None
+    # another one (here the train pkl): its first validation is the new best, whatever its value
+    other = train(load_config(config, ["name=v", "max_steps=6", f"valdata={tiny_data.train_pkl}"]),
+                  resume=True, echo=lines.append)
+    assert any("starts afresh" in line for line in lines)
+    assert other["best_step"] == 6
+    assert load_checkpoint(tmp_path / "runs" / "v" / "best.pth")["step"] == 6
+
+
 def test_batch_source_resumes_shards_and_loads_in_workers(tiny_data):
     """The batches training reads: a resumed epoch skips the done ones and gets the same tensors,
     DDP ranks split each batch, DataLoader workers load what the main process would."""
