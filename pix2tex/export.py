@@ -20,6 +20,10 @@ default decoder options; others cannot be exported (the error says which).
 """
 from __future__ import annotations
 
+from pix2tex.extras import require
+
+require("train", __name__)  # first: without the train extra, say what to install
+
 import argparse
 import copy
 import json
@@ -29,7 +33,7 @@ import sys
 import time
 import warnings
 
-from pix2tex.fileio import file_sha256
+from pix2tex.fileio import atomic_open, file_sha256
 from pix2tex.onnx_model import META
 
 OPSET = 18
@@ -187,6 +191,44 @@ def export_model(model, cfg, out_dir: str | os.PathLike, tokenizer: str | None =
     with open(os.path.join(out_dir, META), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
     return meta
+
+
+def store_exact_bf16(path: str | os.PathLike, min_size: int = 64) -> dict:
+    """Rewrite the ONNX file at `path` so every float32 weight that bfloat16 holds exactly (all of
+    a bf16 release's, except those the export computed, e.g. folded weight standardization) is
+    stored as bfloat16 with a Cast back to float32 in front of the graph: the graph computes the
+    very same numbers, and the file is about half. Returns {"converted", "bytes_before", "bytes_after"}."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = os.fspath(path)
+    before = os.path.getsize(path)
+    model = onnx.load(path)
+    graph = model.graph
+    inputs = {i.name for i in graph.input}
+    kept, casts = [], []
+    for init in graph.initializer:
+        bits = None
+        if init.data_type == TensorProto.FLOAT and init.name not in inputs:
+            w = numpy_helper.to_array(init)
+            if w.size >= min_size:  # small constants (shapes, scales) are not worth a Cast node
+                bits = np.ascontiguousarray(w, np.float32).view(np.uint32)
+        if bits is None or np.any(bits & 0xFFFF):  # not exact in bf16: keep float32
+            kept.append(init)
+            continue
+        name = f"{init.name}__bf16"
+        kept.append(helper.make_tensor(name, TensorProto.BFLOAT16, w.shape,
+                                       (bits >> 16).astype(np.uint16).tobytes(), raw=True))
+        casts.append(helper.make_node("Cast", [name], [init.name], to=TensorProto.FLOAT))
+    nodes = casts + list(graph.node)
+    del graph.initializer[:], graph.node[:]
+    graph.initializer.extend(kept)
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    with atomic_open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    return {"converted": len(casts), "bytes_before": before, "bytes_after": os.path.getsize(path)}
 
 
 def export_onnx(ocr, out_dir: str | os.PathLike, opset: int = OPSET) -> dict:

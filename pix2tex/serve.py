@@ -17,6 +17,10 @@ no answer within `timeout` seconds -> 504. A failed request never stops the serv
 """
 from __future__ import annotations
 
+from pix2tex.extras import require
+
+require("serve", __name__)  # first: without the serve extra, say what to install
+
 import argparse
 import asyncio
 import os
@@ -262,15 +266,16 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
-    from pix2tex.predict import DEFAULT_CHECKPOINT, LatexOCR, quiet_third_party_warnings
+    from pix2tex.predict import BACKENDS, LatexOCR, quiet_third_party_warnings
 
     d = Limits()
     p = argparse.ArgumentParser(prog="pix2tex-serve", description="HTTP service: image of a formula -> LaTeX.")
-    p.add_argument("--checkpoint", "-c", help=f"trained checkpoint or ONNX export folder (default: "
-                                              f"$PIX2TEX_CHECKPOINT or {DEFAULT_CHECKPOINT})")
+    p.add_argument("--checkpoint", "-c", help="trained checkpoint or ONNX export folder (default: "
+                                              "$PIX2TEX_CHECKPOINT, else the released model)")
     p.add_argument("--config", help="YAML config (default: the one stored in the checkpoint)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the one the checkpoint names)")
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto: the checkpoint's kind; without one, the released ONNX graphs")
     p.add_argument("--device", default="auto")
     p.add_argument("--beam", type=int, default=1, help="beam width (1: greedy)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
