@@ -57,10 +57,10 @@ def is_onnx_export(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, META))
 
 
-def choose_backend(backend: str, checkpoint, greedy: bool) -> tuple[str, str]:
+def choose_backend(backend: str, checkpoint, onnx_can: bool) -> tuple[str, str]:
     """(backend, model path) for LatexOCR's arguments. "auto": the kind of the given checkpoint;
-    with none ($PIX2TEX_CHECKPOINT, else) the released ONNX graphs for greedy decoding and the
-    torch weights for beam search or sampling."""
+    with none ($PIX2TEX_CHECKPOINT, else) the released ONNX graphs when they can do what is asked
+    (`onnx_can`: greedy, float32, on the CPU), else the torch weights."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if checkpoint is None and os.environ.get("PIX2TEX_CHECKPOINT"):
@@ -74,7 +74,7 @@ def choose_backend(backend: str, checkpoint, greedy: bool) -> tuple[str, str]:
             backend = "onnx" if is_onnx_export(checkpoint) else "torch"
         return backend, checkpoint
     if backend == "auto":
-        backend = "onnx" if greedy and is_onnx_export(RELEASED_ONNX) else "torch"
+        backend = "onnx" if onnx_can and is_onnx_export(RELEASED_ONNX) else "torch"
     default = RELEASED_ONNX if backend == "onnx" else DEFAULT_CHECKPOINT
     if not os.path.exists(default) or (backend == "onnx" and not is_onnx_export(default)):
         raise ModelNotFound(f"no checkpoint given and no default {backend} model at {default}; pass "
@@ -140,8 +140,9 @@ class LatexOCR:
         from pix2tex.config import load_config
         from pix2tex.dataset.tokenizer import load_tokenizer
 
-        backend, self.checkpoint = choose_backend(backend, checkpoint,
-                                                  greedy=beam_width <= 1 and not temperature)
+        onnx_can = (beam_width <= 1 and not temperature and device in ("auto", "cpu")
+                    and precision in (None, "fp32"))
+        backend, self.checkpoint = choose_backend(backend, checkpoint, onnx_can)
         self.backend = backend
         self.beam_width, self.temperature, self.max_len = beam_width, temperature, max_len
         self.batch_size, self.max_pixels, self.precision = batch_size, max_pixels, precision
