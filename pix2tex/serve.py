@@ -111,10 +111,10 @@ class InferenceQueue:
             if item is None:
                 return
             items = [item]
-            deadline = time.monotonic() + self.limits.batch_wait
+            gather_until = time.monotonic() + self.limits.batch_wait
             while len(items) < self.limits.max_batch:
                 try:
-                    nxt = self.q.get(timeout=max(0.0, deadline - time.monotonic()))
+                    nxt = self.q.get(timeout=max(0.0, gather_until - time.monotonic()))
                 except queue.Empty:
                     break
                 if nxt is None:
