@@ -29,6 +29,7 @@ import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -189,9 +190,17 @@ class LatexOCR:
         return preprocess(image, self.geometry, max_pixels=max_pixels or self.max_pixels)
 
     def recognize(self, pages: list[np.ndarray | None], beam_width: int | None = None,
-                  temperature: float | None = None) -> list[str]:
-        """LaTeX for preprocessed pages (None -> ""). Pages of one size go through together."""
-        out = [""] * len(pages)
+                  temperature: float | None = None, max_len: int | None = None,
+                  should_stop: Callable[[], bool] | None = None,
+                  return_complete: bool = False) -> list[str] | tuple[list[str], list[bool]]:
+        """LaTeX for preprocessed pages (None -> ""). Pages of one size go through together.
+
+        max_len: tokens per formula (None: the `max_len` given at construction, else the model's
+        maximum); a formula that reaches it without its end is cut there. should_stop: asked once
+        per decoding step; True raises pix2tex.cancel.DecodeCancelled (no results). With
+        return_complete: (texts, complete), complete[i] False where page i's formula was cut.
+        """
+        out, complete = [""] * len(pages), [True] * len(pages)
         groups = defaultdict(list)
         for i, page in enumerate(pages):
             if page is not None:
@@ -199,26 +208,30 @@ class LatexOCR:
         for idx in groups.values():
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start:start + self.batch_size]
-                ids = self._generate(np.stack([pages[i] for i in chunk]), beam_width, temperature)
-                for i, text in zip(chunk, self.tokenizer.decode_batch(ids.tolist())):
-                    out[i] = text
-        return out
+                ids = self._generate(np.stack([pages[i] for i in chunk]), beam_width, temperature,
+                                     max_len, should_stop)
+                ended = (ids == self.cfg.eos_token).any(axis=1)  # a row without EOS hit max_len
+                for i, text, end in zip(chunk, self.tokenizer.decode_batch(ids.tolist()), ended):
+                    out[i], complete[i] = text, bool(end)
+        return (out, complete) if return_complete else out
 
-    def _generate(self, pages: np.ndarray, beam_width, temperature) -> np.ndarray:
+    def _generate(self, pages: np.ndarray, beam_width, temperature, max_len=None,
+                  should_stop=None) -> np.ndarray:
         images = normalize(pages)  # [B, 1, H, W]
         beam_width = self.beam_width if beam_width is None else beam_width
         temperature = self.temperature if temperature is None else temperature
+        max_len = self.max_len if max_len is None else max_len
         if self.backend == "onnx":
             if beam_width > 1 or temperature > 0:
                 raise ValueError("the ONNX backend decodes greedily only; use backend='torch' for "
                                  "beam search or sampling")
-            return self.model.generate(images, max_len=self.max_len)
+            return self.model.generate(images, max_len=max_len, should_stop=should_stop)
         import torch
 
         with torch.inference_mode():
-            ids = self.model.generate(torch.from_numpy(images).to(self.device), max_len=self.max_len,
+            ids = self.model.generate(torch.from_numpy(images).to(self.device), max_len=max_len,
                                       temperature=temperature, beam_width=beam_width,
-                                      precision=self.precision)
+                                      precision=self.precision, should_stop=should_stop)
         return ids.cpu().numpy()
 
     # --- the API -----------------------------------------------------------------------------

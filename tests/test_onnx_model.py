@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pix2tex.cancel import DecodeCancelled
 from pix2tex.models.generate import sample
 from pix2tex.onnx_model import greedy
 
@@ -59,9 +60,10 @@ class ScriptedState:
         self.rows = self.rows[keep]
 
 
-def onnx_greedy(table: np.ndarray, max_len: int) -> np.ndarray:
+def onnx_greedy(table: np.ndarray, max_len: int, should_stop=None) -> np.ndarray:
     rows = np.arange(len(table), dtype=np.float32).reshape(1, -1, 1, 1, 1)
-    return greedy(onnx_step(table), rows, rows.copy(), CACHE, max_len, BOS, EOS, PAD)
+    return greedy(onnx_step(table), rows, rows.copy(), CACHE, max_len, BOS, EOS, PAD,
+                  should_stop=should_stop)
 
 
 def written_out(table: np.ndarray, max_len: int) -> np.ndarray:
@@ -101,6 +103,29 @@ def test_greedy_ids_equal_generate_sample(seed):
         table = scripted_logits(ends, seed)
         want = sample(ScriptedState(table), len(table), STEPS, BOS, EOS, PAD).numpy()
         np.testing.assert_array_equal(onnx_greedy(table, STEPS), want)
+
+
+class StopAfter:
+    """A should_stop that says True from its k-th call on (None: never), counting its calls."""
+
+    def __init__(self, k=None):
+        self.k, self.calls = k, 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.k is not None and self.calls >= self.k
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_greedy_stops_at_the_step_it_is_told(k):
+    table = scripted_logits([None, None])  # rows that never end: STEPS steps
+    stop = StopAfter(k)
+    with pytest.raises(DecodeCancelled):
+        onnx_greedy(table, STEPS, stop)
+    assert stop.calls == k  # asked before each step, and no step after the first True
+    never = StopAfter()
+    np.testing.assert_array_equal(onnx_greedy(table, STEPS, never), onnx_greedy(table, STEPS))
+    assert never.calls == STEPS
 
 
 def test_does_not_import_torch():
