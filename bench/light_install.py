@@ -64,6 +64,7 @@ def render_formula(out_dir: str) -> str:
 def install_core(work: str) -> dict:
     """A fresh venv with the core package from a copy of the checkout's sources."""
     src, venv = os.path.join(work, "src"), os.path.join(work, "venv")
+    os.makedirs(src, exist_ok=True)
     for name in SOURCES:
         copy = shutil.copytree if os.path.isdir(os.path.join(REPO, name)) else shutil.copy
         kw = {"ignore": shutil.ignore_patterns("__pycache__", "*.pyc")} if copy is shutil.copytree else {}
