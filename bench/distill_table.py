@@ -61,8 +61,9 @@ def main() -> None:
     from pix2tex.config import load_config
     from pix2tex.dataset.dataset import Im2LatexDataset
     from pix2tex.dataset.tokenizer import load_tokenizer
-    from pix2tex.distill.main import compare, distill, load_teacher, markdown_table
+    from pix2tex.distill.main import compare, distill, markdown_table
     from pix2tex.distill.pseudo_labels import make_pseudo_labels
+    from pix2tex.distill.teacher import load_teacher
     from pix2tex.eval import prepare_dataset
     from pix2tex.models import get_model
     from pix2tex.train import train

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """CPU latency of the two inference backends: PyTorch (`Model.generate`) and the ONNX export run
-with onnxruntime (`pix2tex.export.OnnxModel`), greedy decoding, one image at a time.
+with onnxruntime (`pix2tex.onnx_model.OnnxModel`), greedy decoding, one image at a time.
 
 Two models: the tiny one of bench/serve.py (trained here; decodes its 8 rendered formulas to
 EOS), and the default architecture of settings/config.yaml (25M parameters, random weights,
@@ -57,8 +57,9 @@ def _time(fn, x):
 def compare(name, model, cfg, images, workdir, opts, tokenizer=None):
     import torch
 
-    from pix2tex.export import OnnxModel, export_model
+    from pix2tex.export import export_model
     from pix2tex.models.model import cpu_has_fast_bf16
+    from pix2tex.onnx_model import OnnxModel
 
     folder = os.path.join(workdir, f"onnx-{name}")
     t0 = time.perf_counter()

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import random
 import resource
@@ -100,6 +101,9 @@ MIN_BATCH = 25  # smaller inputs are cut into batches of this size to use all wo
 DEFAULT_TIMEOUT = 30.0  # seconds per latex/dvipng run; a batch of 400 takes ~0.4 s on one core
 MAX_PIXELS = 40_000_000  # larger pages are rejected before decoding (hostile \rule{5m}{5m})
 DVIPNG_MEMORY = 1 << 30  # bytes of address space dvipng may use (a MAX_PIXELS page needs ~200 MB)
+# latex's own arrays bound what a formula can allocate ("TeX capacity exceeded"); the address-space
+# limit is the guard for a latex built or configured with larger ones (texmf.cnf main_memory).
+LATEX_MEMORY = 1 << 30
 TEX_PACKAGES = ("texlive-latex-base texlive-latex-recommended texlive-fonts-recommended dvipng "
                 "preview-latex-style")
 
@@ -298,14 +302,19 @@ def _tex_env() -> dict[str, str]:
 def _run(cmd: list[str], cwd: str, timeout: float, t: dict, stage: str,
          memory_bytes: int | None = None, stderr_file: str | None = None) -> int | None:
     """Run cmd in its own process group; kill the whole group on timeout. Returns the exit
-    status, None on timeout. Adds its wall and CPU seconds to t[stage + "_s"/"_cpu"]."""
+    status, None on timeout. Adds its wall and CPU seconds to t[stage + "_s"/"_cpu"]. The process
+    runs under an address-space limit (`memory_bytes`) and a CPU-time limit a second over
+    `timeout`: the kernel stops it even if the timer thread here cannot."""
     t0 = time.perf_counter()
     with open(stderr_file or os.devnull, "wb") as err:
         proc = subprocess.Popen(cmd, cwd=cwd, env=_tex_env(), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-    if memory_bytes and hasattr(resource, "prlimit"):
-        try:  # set right after exec, long before dvipng allocates its page bitmap
-            resource.prlimit(proc.pid, resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    if hasattr(resource, "prlimit"):
+        cpu = math.ceil(timeout) + 1
+        try:  # set right after exec, long before the process allocates its pages
+            resource.prlimit(proc.pid, resource.RLIMIT_CPU, (cpu, cpu))
+            if memory_bytes:
+                resource.prlimit(proc.pid, resource.RLIMIT_AS, (memory_bytes, memory_bytes))
         except (ProcessLookupError, PermissionError, ValueError):
             pass
     killed = threading.Event()
@@ -570,7 +579,7 @@ def _typeset(font: str, part: list[_Job], work: str, timeout: float, t: dict,
     with open(os.path.join(work, "job.tex"), "w", encoding="utf-8") as f:
         f.write(PREAMBLE.format(font=FONTS[font]) + body + "\\end{document}\n")
     rc = _run(["latex", "-interaction=nonstopmode", "-file-line-error", "-no-shell-escape", "job.tex"],
-              work, timeout, t, "latex")
+              work, timeout, t, "latex", memory_bytes=LATEX_MEMORY)
     if rc is None:  # timeout: bisect down to the formula that loops
         if len(part) == 1:
             results.append((part[0].index, None, "timeout"))

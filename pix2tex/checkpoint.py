@@ -9,6 +9,10 @@ does not have, so no loading could give its outputs.
 """
 from __future__ import annotations
 
+from pix2tex.extras import require
+
+require("train", __name__)  # first: without the train extra, say what to install
+
 import os
 import re
 from typing import Any

@@ -294,6 +294,42 @@ def _check(cfg: dict, where: str) -> None:
         raise ConfigError(f"{where}: micro_batchsize={mb} must divide batchsize={cfg['batchsize']}")
 
 
+def read_config_file(path: str | os.PathLike, _seen: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
+    """The keys of one YAML config file, and the files they came from. `extends: FILE` (relative
+    to this file) starts from that file's keys; this file's override them, nested mappings key by
+    key, so a family of configs (the distillation experiments) keeps one copy of what they share."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(loaded).__name__}")
+    parent = loaded.pop("extends", None)
+    if parent is None:
+        return loaded, [path]
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends must be the path of one config file, got {parent!r}")
+    parent = os.path.normpath(os.path.join(os.path.dirname(path), parent))
+    if os.path.abspath(parent) in _seen + (os.path.abspath(path),):
+        raise ConfigError(f"{path}: extends {parent}, which extends it back (a cycle)")
+    base, chain = read_config_file(parent, _seen + (os.path.abspath(path),))
+    return _deep_update(base, loaded), [path, *chain]
+
+
+def _deep_update(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> Config:
     """Load a YAML config (or none: the defaults), apply overrides, validate, return a Config.
@@ -305,16 +341,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     raw: dict = dict(base or {})
     where = "config"
     if path is not None:
-        where = str(path)
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                loaded = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(loaded).__name__}")
+        loaded, chain = read_config_file(path)
+        where = " extending ".join(chain)
         raw.update(loaded)
     raw = _migrate(raw, notes)
     if overrides:

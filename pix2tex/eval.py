@@ -19,6 +19,10 @@ given (LaTeX-OCR sampled at 0.333 by default).
 """
 from __future__ import annotations
 
+from pix2tex.extras import require
+
+require("train", __name__)  # first: without the train extra, say what to install
+
 import argparse
 import csv
 import io

@@ -12,12 +12,17 @@ The folder holds:
                      (the position is T: the cache holds exactly the tokens before it)
   tokenizer.json, pix2tex_onnx.json (config, tokenizer hash, special ids)
 
-`OnnxModel.generate` runs them with onnxruntime in the same greedy loop as `Model.generate`
-(a row leaves the batch at its EOS), so the ids equal PyTorch's float32 greedy decoding.
+`pix2tex.onnx_model.OnnxModel` runs them with onnxruntime in the same greedy loop as
+`Model.generate` (a row leaves the batch at its EOS; PAD and BOS are never output), so the ids
+equal PyTorch's float32 greedy decoding; `--check` compares the two on images.
 The step reuses the decoder's lean `decode_step` (pix2tex/models/decoder.py), which covers the
 default decoder options; others cannot be exported (the error says which).
 """
 from __future__ import annotations
+
+from pix2tex.extras import require
+
+require("train", __name__)  # first: without the train extra, say what to install
 
 import argparse
 import copy
@@ -28,11 +33,9 @@ import sys
 import time
 import warnings
 
-import numpy as np
+from pix2tex.fileio import atomic_open, file_sha256
+from pix2tex.onnx_model import META
 
-from pix2tex.fileio import file_sha256
-
-META = "pix2tex_onnx.json"
 OPSET = 18
 
 
@@ -190,65 +193,47 @@ def export_model(model, cfg, out_dir: str | os.PathLike, tokenizer: str | None =
     return meta
 
 
+def store_exact_bf16(path: str | os.PathLike, min_size: int = 64) -> dict:
+    """Rewrite the ONNX file at `path` so every float32 weight that bfloat16 holds exactly (all of
+    a bf16 release's, except those the export computed, e.g. folded weight standardization) is
+    stored as bfloat16 with a Cast back to float32 in front of the graph: the graph computes the
+    very same numbers, and the file is about half. Returns {"converted", "bytes_before", "bytes_after"}."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = os.fspath(path)
+    before = os.path.getsize(path)
+    model = onnx.load(path)
+    graph = model.graph
+    inputs = {i.name for i in graph.input}
+    kept, casts = [], []
+    for init in graph.initializer:
+        bits = None
+        if init.data_type == TensorProto.FLOAT and init.name not in inputs:
+            w = numpy_helper.to_array(init)
+            if w.size >= min_size:  # small constants (shapes, scales) are not worth a Cast node
+                bits = np.ascontiguousarray(w, np.float32).view(np.uint32)
+        if bits is None or np.any(bits & 0xFFFF):  # not exact in bf16: keep float32
+            kept.append(init)
+            continue
+        name = f"{init.name}__bf16"
+        kept.append(helper.make_tensor(name, TensorProto.BFLOAT16, w.shape,
+                                       (bits >> 16).astype(np.uint16).tobytes(), raw=True))
+        casts.append(helper.make_node("Cast", [name], [init.name], to=TensorProto.FLOAT))
+    nodes = casts + list(graph.node)
+    del graph.initializer[:], graph.node[:]
+    graph.initializer.extend(kept)
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    with atomic_open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    return {"converted": len(casts), "bytes_before": before, "bytes_after": os.path.getsize(path)}
+
+
 def export_onnx(ocr, out_dir: str | os.PathLike, opset: int = OPSET) -> dict:
     """Write the ONNX folder for a loaded torch `LatexOCR` (its model, config and tokenizer)."""
     return export_model(ocr.model, ocr.cfg, out_dir, ocr.tokenizer.path, ocr.checkpoint, opset)
-
-
-# --- run (onnxruntime) ---------------------------------------------------------------------------
-
-class OnnxModel:
-    """The exported graphs behind `generate(images) -> ids`, like `Model.generate` (greedy)."""
-
-    def __init__(self, folder: str | os.PathLike, threads: int | None = None):
-        import onnxruntime as ort
-
-        folder = os.fspath(folder)
-        meta_path = os.path.join(folder, META)
-        if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{folder} is not an ONNX export (no {META}); write one with "
-                                    f"`python -m pix2tex.export --onnx --checkpoint CKPT --out {folder}`")
-        with open(meta_path, encoding="utf-8") as f:
-            self.meta = json.load(f)
-        self.config = self.meta["config"]
-        self.tokenizer_sha256 = self.meta.get("tokenizer_sha256")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = ["CPUExecutionProvider"]
-        self.encoder = ort.InferenceSession(os.path.join(folder, "encoder.onnx"), opts, providers=providers)
-        self.step = ort.InferenceSession(os.path.join(folder, "decoder_step.onnx"), opts, providers=providers)
-
-    def generate(self, images: np.ndarray, max_len: int | None = None) -> np.ndarray:
-        """images float32 [B, 1, H, W] (normalized) -> ids [B, L] without BOS, EOS then PAD."""
-        m = self.meta
-        max_len = min(max_len or m["max_seq_len"] - 1, m["max_seq_len"])
-        cross_k, cross_v = self.encoder.run(None, {"images": np.ascontiguousarray(images, np.float32)})
-        B = images.shape[0]
-        c = m["cache"]
-        self_k = np.zeros((c["layers"], B, c["heads"], 0, c["head_dim"]), np.float32)
-        self_v = self_k
-        out = np.full((B, max_len), m["pad"], np.int64)
-        rows = np.arange(B)  # original row of each active row
-        tokens = np.full(B, m["bos"], np.int64)
-        length = 0
-        for t in range(max_len):
-            logits, self_k, self_v = self.step.run(None, {"tokens": tokens, "cross_k": cross_k,
-                                                          "cross_v": cross_v, "self_k": self_k,
-                                                          "self_v": self_v})
-            tokens = logits.argmax(-1).astype(np.int64)
-            out[rows, t] = tokens
-            length = t + 1
-            done = tokens == m["eos"]
-            if done.any():
-                keep = np.flatnonzero(~done)
-                if keep.size == 0:
-                    break
-                rows, tokens = rows[keep], tokens[keep]
-                cross_k, cross_v = cross_k[:, keep], cross_v[:, keep]
-                self_k, self_v = self_k[:, keep], self_v[:, keep]
-        return out[:, :length]
 
 
 # --- command line ----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from typing import Iterable
 
@@ -53,3 +54,15 @@ def atomic_write_lines(path: str | os.PathLike, lines: Iterable[str]) -> int:
             f.write(line + "\n")
             count += 1
     return count
+
+
+def replace_folder(tmp: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Put the finished folder `tmp` at `dst`: a reader sees the old folder or the new one, never a
+    half-written one (for an instant, none: os.replace cannot swap two folders in one step)."""
+    dst = os.fspath(dst)
+    old = dst + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(dst):
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)

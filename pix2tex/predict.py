@@ -10,8 +10,14 @@
 
 Images go through `pix2tex.preprocess` (any mode, dark backgrounds, crop, scale, pad). A batch
 holds only images of one size (as in training), so a formula's result never depends on what else
-is in the batch. The ONNX backend (`backend="onnx"`, a folder written by `python -m
-pix2tex.export`) decodes greedily with the same preprocessing and tokenizer.
+is in the batch.
+
+Two backends. ONNX (`backend="onnx"`: a folder written by `python -m pix2tex.export`, or the
+released model's graphs in pix2tex/released/) runs with onnxruntime and never imports torch: it is
+what a core install (`pip install pix2tex`) has, greedy decoding in float32. torch (`backend=
+"torch"`, a `.pth` checkpoint; `pip install 'pix2tex[train]'`) adds beam search, sampling and
+bf16. `backend="auto"` (the default) takes the one the checkpoint is, and with no checkpoint the
+released ONNX graphs when decoding greedily (the same ids as the torch backend in float32).
 """
 from __future__ import annotations
 
@@ -23,15 +29,20 @@ import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from pix2tex.fileio import file_sha256
-from pix2tex.preprocess import DEFAULT_MAX_PIXELS, Geometry, ImageError, preprocess
+from pix2tex.onnx_model import META
+from pix2tex.preprocess import DEFAULT_MAX_PIXELS, Geometry, ImageError, normalize, preprocess
 
 # Where the project's shipped model lives; used when no checkpoint is given. PIX2TEX_CHECKPOINT
-# points elsewhere.
+# points elsewhere. The torch weights are in the repository's models/ (research installs); the
+# same model as ONNX graphs is package data (pix2tex/released/), so every install can read.
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "pix2tex.pth"
+RELEASED_ONNX = Path(__file__).resolve().parent / "released"
+BACKENDS = ("auto", "onnx", "torch")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -41,6 +52,35 @@ class ModelNotFound(FileNotFoundError):
 
 def default_checkpoint() -> Path:
     return Path(os.environ.get("PIX2TEX_CHECKPOINT") or DEFAULT_CHECKPOINT)
+
+
+def is_onnx_export(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(path, META))
+
+
+def choose_backend(backend: str, checkpoint, onnx_can: bool) -> tuple[str, str]:
+    """(backend, model path) for LatexOCR's arguments. "auto": the kind of the given checkpoint;
+    with none ($PIX2TEX_CHECKPOINT, else) the released ONNX graphs when they can do what is asked
+    (`onnx_can`: greedy, float32, on the CPU), else the torch weights."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if checkpoint is None and os.environ.get("PIX2TEX_CHECKPOINT"):
+        checkpoint = os.environ["PIX2TEX_CHECKPOINT"]
+        if not os.path.exists(checkpoint):
+            raise ModelNotFound(f"no checkpoint given and PIX2TEX_CHECKPOINT={checkpoint} does not "
+                                f"exist; pass checkpoint=... (--checkpoint PATH) with a trained model")
+    if checkpoint is not None:
+        checkpoint = os.fspath(checkpoint)
+        if backend == "auto":
+            backend = "onnx" if is_onnx_export(checkpoint) else "torch"
+        return backend, checkpoint
+    if backend == "auto":
+        backend = "onnx" if onnx_can and is_onnx_export(RELEASED_ONNX) else "torch"
+    default = RELEASED_ONNX if backend == "onnx" else DEFAULT_CHECKPOINT
+    if not os.path.exists(default) or (backend == "onnx" and not is_onnx_export(default)):
+        raise ModelNotFound(f"no checkpoint given and no default {backend} model at {default}; pass "
+                            f"checkpoint=... (--checkpoint PATH) with a trained model or an ONNX export")
+    return backend, os.fspath(default)
 
 
 def resolve_tokenizer(candidates: list, checkpoint: str | os.PathLike | None) -> str:
@@ -94,23 +134,23 @@ class LatexOCR:
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, config: str | os.PathLike | None = None,
                  overrides: list[str] | None = None, tokenizer: str | os.PathLike | None = None,
-                 device: str = "auto", backend: str = "torch", beam_width: int = 1,
+                 device: str = "auto", backend: str = "auto", beam_width: int = 1,
                  temperature: float = 0.0, max_len: int | None = None, batch_size: int = 16,
                  max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None,
                  precision: str | None = None):
         from pix2tex.config import load_config
         from pix2tex.dataset.tokenizer import load_tokenizer
 
-        if checkpoint is None:
-            checkpoint = default_checkpoint()
-            if not os.path.exists(checkpoint):
-                raise ModelNotFound(f"no checkpoint given and no default model at {checkpoint}; pass "
-                                    f"checkpoint=... (--checkpoint PATH) with a trained model")
-        self.checkpoint = os.fspath(checkpoint)
+        onnx_can = (beam_width <= 1 and not temperature and device in ("auto", "cpu")
+                    and precision in (None, "fp32"))
+        backend, self.checkpoint = choose_backend(backend, checkpoint, onnx_can)
         self.backend = backend
         self.beam_width, self.temperature, self.max_len = beam_width, temperature, max_len
         self.batch_size, self.max_pixels, self.precision = batch_size, max_pixels, precision
         if backend == "torch":
+            from pix2tex.extras import require
+
+            require("train", "the torch backend (a .pth checkpoint, beam search, sampling)")
             from pix2tex.checkpoint import load_checkpoint, load_model_weights
             from pix2tex.models import get_model, resolve_device
             import torch
@@ -128,15 +168,13 @@ class LatexOCR:
             load_model_weights(self.model, ckpt, source=self.checkpoint)
             self.model.to(self.device).eval()
             tok_candidates = [tokenizer, self.cfg.get("tokenizer"), ckpt.get("tokenizer")]
-        elif backend == "onnx":
-            from pix2tex.export import OnnxModel
+        else:
+            from pix2tex.onnx_model import OnnxModel
 
             self.model = OnnxModel(self.checkpoint, threads=threads)
             self.cfg = load_config(config, overrides, base=None if config else known_keys(self.model.config))
             self.device = "cpu"
             tok_candidates = [tokenizer, os.path.join(self.checkpoint, "tokenizer.json")]
-        else:
-            raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
         tok_path = resolve_tokenizer(tok_candidates, self.checkpoint if backend == "torch" else None)
         want = ckpt.get("tokenizer_sha256") if backend == "torch" else self.model.tokenizer_sha256
         if want and file_sha256(tok_path) != want:  # other ids would decode to the wrong symbols
@@ -152,9 +190,17 @@ class LatexOCR:
         return preprocess(image, self.geometry, max_pixels=max_pixels or self.max_pixels)
 
     def recognize(self, pages: list[np.ndarray | None], beam_width: int | None = None,
-                  temperature: float | None = None) -> list[str]:
-        """LaTeX for preprocessed pages (None -> ""). Pages of one size go through together."""
-        out = [""] * len(pages)
+                  temperature: float | None = None, max_len: int | None = None,
+                  should_stop: Callable[[], bool] | None = None,
+                  return_complete: bool = False) -> list[str] | tuple[list[str], list[bool]]:
+        """LaTeX for preprocessed pages (None -> ""). Pages of one size go through together.
+
+        max_len: tokens per formula (None: the `max_len` given at construction, else the model's
+        maximum); a formula that reaches it without its end is cut there. should_stop: asked once
+        per decoding step; True raises pix2tex.cancel.DecodeCancelled (no results). With
+        return_complete: (texts, complete), complete[i] False where page i's formula was cut.
+        """
+        out, complete = [""] * len(pages), [True] * len(pages)
         groups = defaultdict(list)
         for i, page in enumerate(pages):
             if page is not None:
@@ -162,28 +208,30 @@ class LatexOCR:
         for idx in groups.values():
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start:start + self.batch_size]
-                ids = self._generate(np.stack([pages[i] for i in chunk]), beam_width, temperature)
-                for i, text in zip(chunk, self.tokenizer.decode_batch(ids.tolist())):
-                    out[i] = text
-        return out
+                ids = self._generate(np.stack([pages[i] for i in chunk]), beam_width, temperature,
+                                     max_len, should_stop)
+                ended = (ids == self.cfg.eos_token).any(axis=1)  # a row without EOS hit max_len
+                for i, text, end in zip(chunk, self.tokenizer.decode_batch(ids.tolist()), ended):
+                    out[i], complete[i] = text, bool(end)
+        return (out, complete) if return_complete else out
 
-    def _generate(self, pages: np.ndarray, beam_width, temperature) -> np.ndarray:
-        from pix2tex.dataset.transforms import MEAN, STD
-
-        images = ((pages.astype(np.float32) / 255.0 - MEAN) / STD)[:, None]  # [B, 1, H, W]
+    def _generate(self, pages: np.ndarray, beam_width, temperature, max_len=None,
+                  should_stop=None) -> np.ndarray:
+        images = normalize(pages)  # [B, 1, H, W]
         beam_width = self.beam_width if beam_width is None else beam_width
         temperature = self.temperature if temperature is None else temperature
+        max_len = self.max_len if max_len is None else max_len
         if self.backend == "onnx":
             if beam_width > 1 or temperature > 0:
                 raise ValueError("the ONNX backend decodes greedily only; use backend='torch' for "
                                  "beam search or sampling")
-            return self.model.generate(images, max_len=self.max_len)
+            return self.model.generate(images, max_len=max_len, should_stop=should_stop)
         import torch
 
         with torch.inference_mode():
-            ids = self.model.generate(torch.from_numpy(images).to(self.device), max_len=self.max_len,
+            ids = self.model.generate(torch.from_numpy(images).to(self.device), max_len=max_len,
                                       temperature=temperature, beam_width=beam_width,
-                                      precision=self.precision)
+                                      precision=self.precision, should_stop=should_stop)
         return ids.cpu().numpy()
 
     # --- the API -----------------------------------------------------------------------------
@@ -236,10 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pix2tex", description="Image of a formula -> LaTeX.")
     p.add_argument("images", nargs="+", help="image files, folders of images, or - for image bytes on stdin")
     p.add_argument("--checkpoint", "-c", help=f"trained checkpoint (.pth) or ONNX export folder "
-                                              f"(default: $PIX2TEX_CHECKPOINT or {DEFAULT_CHECKPOINT})")
+                                              f"(default: $PIX2TEX_CHECKPOINT, else the released "
+                                              f"model: {RELEASED_ONNX} or {DEFAULT_CHECKPOINT})")
     p.add_argument("--config", help="YAML config (default: the one stored in the checkpoint)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the one the checkpoint names)")
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto (default): the checkpoint's kind; without one, the released ONNX "
+                        "graphs (no torch) unless --beam > 1 asks for the torch weights")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--beam", type=int, default=1, help="beam width (1: greedy)")
     p.add_argument("--format", "-f", choices=["plain", "inline", "display", "json"], default="plain",

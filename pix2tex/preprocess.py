@@ -32,6 +32,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000 x 7000; a grayscale decode of this is 50 MB
+# The model's input normalization, (x / 255 - MEAN) / STD: LaTeX-OCR's grayscale statistics of
+# rendered formulas on a 0..1 scale. Here, not in dataset.transforms, so reading needs no torch.
+MEAN = 0.7931
+STD = 0.1738
 
 
 class ImageError(ValueError):
@@ -357,3 +361,8 @@ def preprocess(source, geo: Geometry | None = None, max_pixels: int = DEFAULT_MA
     if scale:
         crop = normalize_scale(crop)
     return fit_and_pad(crop, geo, margin)
+
+
+def normalize(pages: np.ndarray) -> np.ndarray:
+    """uint8 pages [B, H, W] -> the model's float32 input [B, 1, H, W]."""
+    return ((pages.astype(np.float32) / 255.0 - MEAN) / STD)[:, None]

@@ -1,12 +1,21 @@
 """Turn a training checkpoint into a release: weights in bf16 (or fp16/fp32), the config, and the
-tokenizer beside it, with none of the optimizer/RNG state a resume needs.
+tokenizer beside it, with none of the optimizer/RNG state a resume needs; and the same model as
+ONNX graphs, for installs without torch.
 
-    python -m pix2tex.release --checkpoint checkpoints/pix2tex-cpu/best.pth --out models
+    python -m pix2tex.release --checkpoint checkpoints/pix2tex-cpu/best.pth --out models \
+        --onnx-out pix2tex/released
 
-writes models/pix2tex.pth and models/tokenizer.json (the default model the CLI, the API and the
-service load when no checkpoint is given). The model upcasts the weights to float32 on load.
+writes models/pix2tex.pth and models/tokenizer.json (the torch weights) and pix2tex/released/ (the
+ONNX graphs with their tokenizer, package data: what the CLI, the API and the service read with
+when no checkpoint is given). The torch model upcasts the weights to float32 on load; the ONNX
+graphs store them in bf16 too (`export.store_exact_bf16`) and compute in float32, so both
+backends decode the same ids in float32. `--onnx-out` defaults to OUT/<name>-onnx.
 """
 from __future__ import annotations
+
+from pix2tex.extras import require
+
+require("train", __name__)  # first: without the train extra, say what to install
 
 import argparse
 import os
@@ -16,14 +25,15 @@ import torch
 
 from pix2tex.checkpoint import (CheckpointError, check_compatible, load_checkpoint, model_state,
                                 save_checkpoint)
-from pix2tex.fileio import atomic_open, file_sha256
+from pix2tex.fileio import atomic_open, file_sha256, replace_folder
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def make_release(checkpoint: str, out_dir: str, tokenizer: str | None = None, dtype: str = "bf16",
-                 name: str = "pix2tex.pth") -> dict:
-    """Write out_dir/name and out_dir/tokenizer.json; returns what was written and its size."""
+                 name: str = "pix2tex.pth", onnx_dir: str | None = None) -> dict:
+    """Write out_dir/name and out_dir/tokenizer.json, and the ONNX graphs to `onnx_dir` unless it
+    is "" (None: out_dir/<name>-onnx); returns what was written and its size."""
     from pix2tex.predict import resolve_tokenizer
 
     ckpt = load_checkpoint(checkpoint)
@@ -51,8 +61,29 @@ def make_release(checkpoint: str, out_dir: str, tokenizer: str | None = None, dt
         with open(tok_src, "rb") as src, atomic_open(tok_dst, "wb") as dst:
             shutil.copyfileobj(src, dst)
     save_checkpoint(release, path)
-    return {"model": path, "tokenizer": tok_dst, "bytes": os.path.getsize(path), "dtype": dtype,
+    info = {"model": path, "tokenizer": tok_dst, "bytes": os.path.getsize(path), "dtype": dtype,
             "parameters": sum(v.numel() for v in weights.values() if v.is_floating_point())}
+    if onnx_dir != "":
+        onnx_dir = onnx_dir or os.path.join(out_dir, os.path.splitext(name)[0] + "-onnx")
+        info["onnx"] = release_onnx(path, onnx_dir)
+    return info
+
+
+def release_onnx(release: str, onnx_dir: str) -> dict:
+    """The ONNX folder of a written release (graphs, tokenizer, metadata), replacing `onnx_dir`
+    whole once it is complete."""
+    from pix2tex.export import export_onnx, store_exact_bf16
+    from pix2tex.predict import LatexOCR
+
+    ocr = LatexOCR(release, backend="torch", device="cpu", precision="fp32")
+    tmp = os.path.normpath(onnx_dir) + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_onnx(ocr, tmp)
+    for graph in ("encoder.onnx", "decoder_step.onnx"):
+        store_exact_bf16(os.path.join(tmp, graph))
+    replace_folder(tmp, onnx_dir)
+    return {"folder": onnx_dir, "bytes": sum(os.path.getsize(os.path.join(onnx_dir, f))
+                                             for f in os.listdir(onnx_dir))}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,13 +92,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="models", help="output folder (default: models)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the one the checkpoint names)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weights dtype (default bf16)")
+    p.add_argument("--onnx-out", help="folder for the ONNX graphs (default: OUT/<name>-onnx; the "
+                                      "shipped model's: pix2tex/released)")
+    p.add_argument("--no-onnx", action="store_true", help="write the torch weights only")
     args = p.parse_args(argv)
     try:
-        info = make_release(args.checkpoint, args.out, args.tokenizer, args.dtype)
+        info = make_release(args.checkpoint, args.out, args.tokenizer, args.dtype,
+                            onnx_dir="" if args.no_onnx else args.onnx_out)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     print(f"wrote {info['model']} ({info['bytes'] / 2**20:.1f} MiB, {info['parameters']:,} "
           f"parameters in {info['dtype']}) and {info['tokenizer']}")
+    if "onnx" in info:
+        print(f"wrote {info['onnx']['folder']} ({info['onnx']['bytes'] / 2**20:.1f} MiB of ONNX graphs)")
 
 
 if __name__ == "__main__":

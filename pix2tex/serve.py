@@ -11,11 +11,21 @@
 Requests are decoded and preprocessed on a small thread pool, then wait in one bounded queue for
 the inference thread, which takes whatever is waiting (up to `max_batch`) and runs it together:
 concurrent requests of the same page size share a forward pass (pages of other sizes run as their
-own batch, as in `LatexOCR.recognize`: a result never depends on the other requests). Limits, each answered with a message: body larger than
-`max_upload_bytes` -> 413, image over `max_pixels` -> 413, not an image -> 422, queue full -> 503,
-no answer within `timeout` seconds -> 504. A failed request never stops the service.
+own batch, as in `LatexOCR.recognize`: a result never depends on the other requests). Limits, each
+answered with a message: body larger than `max_upload_bytes` -> 413, image over `max_pixels` ->
+413, not an image -> 422, queue full -> 503, no answer within `timeout` seconds -> 504, a formula
+without its end within `max_tokens` tokens (None: the model's maximum length) -> 422 (a cut
+formula is not returned as if it were the answer). The timeout bounds a running decode too: the
+decoding loop asks once per step whether every request of its batch has timed out (or the batch's
+latest deadline has passed) and then stops (pix2tex.cancel), so the inference thread goes on with
+the next batch within a step instead of decoding a runaway formula to its end. A failed request
+never stops the service.
 """
 from __future__ import annotations
+
+from pix2tex.extras import require
+
+require("serve", __name__)  # first: without the serve extra, say what to install
 
 import argparse
 import asyncio
@@ -27,12 +37,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from fastapi import FastAPI, File, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from pix2tex.cancel import DecodeCancelled
 from pix2tex.preprocess import ImageError, ImageTooLarge
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -43,7 +55,8 @@ class Limits:
     max_upload_bytes: int = 10 * 2**20  # one request body (all files of a batch together)
     max_pixels: int = 25_000_000  # per image, checked from the header before decoding
     max_files: int = 16  # per /predict/batch request
-    timeout: float = 30.0  # seconds from arrival to answer
+    timeout: float = 30.0  # seconds from arrival to answer, a running decode included
+    max_tokens: int | None = None  # per formula, unended within them -> 422 (None: the model's max)
     queue_size: int = 64  # pages waiting for the model; more -> 503
     max_batch: int = 8  # pages per forward pass
     batch_wait: float = 0.002  # seconds the inference thread waits for company after the first page
@@ -54,6 +67,21 @@ class QueueFull(RuntimeError):
     pass
 
 
+class TooManyTokens(ValueError):
+    """A formula that did not end within the token limit: its text is cut, so it is no answer."""
+
+    def __init__(self, limit: int | None):
+        where = f"the limit of {limit} tokens" if limit else "the model's maximum length"
+        super().__init__(f"the formula did not end within {where}")
+
+
+class Job(NamedTuple):
+    page: object  # a preprocessed page (uint8 HxW)
+    fut: asyncio.Future  # the waiting request's; set from the inference thread via `loop`
+    loop: asyncio.AbstractEventLoop
+    deadline: float  # time.monotonic() after which nobody waits for the result
+
+
 class InferenceQueue:
     """A bounded queue in front of one inference thread that batches what is waiting."""
 
@@ -62,6 +90,7 @@ class InferenceQueue:
         self.q: queue.Queue = queue.Queue(maxsize=limits.queue_size)
         self.thread = threading.Thread(target=self._run, name="pix2tex-inference", daemon=True)
         self.batches = self.pages = self.forward_passes = 0
+        self.cancelled = 0  # batches whose decode was stopped because nobody waited any more
 
     def start(self):
         self.thread.start()
@@ -70,11 +99,12 @@ class InferenceQueue:
         self.q.put(None)  # may block briefly if full: the worker drains it
         self.thread.join(timeout=30)
 
-    def submit(self, page) -> asyncio.Future:
+    def submit(self, page, deadline: float) -> asyncio.Future:
+        """Queue `page` for a request that waits until `deadline` (time.monotonic())."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         try:
-            self.q.put_nowait((page, fut, loop))
+            self.q.put_nowait(Job(page, fut, loop, deadline))
         except queue.Full:
             raise QueueFull(f"the model is busy ({self.limits.queue_size} images waiting); retry shortly") from None
         return fut
@@ -85,29 +115,44 @@ class InferenceQueue:
             if item is None:
                 return
             items = [item]
-            deadline = time.monotonic() + self.limits.batch_wait
+            gather_until = time.monotonic() + self.limits.batch_wait
             while len(items) < self.limits.max_batch:
                 try:
-                    nxt = self.q.get(timeout=max(0.0, deadline - time.monotonic()))
+                    nxt = self.q.get(timeout=max(0.0, gather_until - time.monotonic()))
                 except queue.Empty:
                     break
                 if nxt is None:
                     self.q.put(None)  # stop after this batch
                     break
                 items.append(nxt)
-            items = [it for it in items if not it[1].done()]  # their requests timed out already
+            now = time.monotonic()
+            items = [it for it in items if not it.fut.done() and it.deadline > now]  # timed out already
             if not items:
                 continue
             try:
-                texts = self.model.recognize([it[0] for it in items])
-                results = [(t, None) for t in texts]
+                texts, complete = self.model.recognize(
+                    [it.page for it in items], max_len=self.limits.max_tokens,
+                    should_stop=_nobody_waits(items), return_complete=True)
+                results = [(t, None) if ok else (None, TooManyTokens(self.limits.max_tokens))
+                           for t, ok in zip(texts, complete)]
+            except DecodeCancelled as e:
+                self.cancelled += 1
+                results = [(None, e)] * len(items)
             except Exception as e:  # report to each request; keep serving
                 results = [(None, e)] * len(items)
             self.batches += 1
             self.pages += len(items)
-            self.forward_passes += len({it[0].shape for it in items})
-            for (_, fut, loop), (text, err) in zip(items, results):
-                loop.call_soon_threadsafe(_settle, fut, text, err)
+            self.forward_passes += len({it.page.shape for it in items})
+            for it, (text, err) in zip(items, results):
+                it.loop.call_soon_threadsafe(_settle, it.fut, text, err)
+
+
+def _nobody_waits(items: list[Job]):
+    """The batch's should_stop: True once every request has given up (its future is done:
+    timed out or cancelled) or the latest deadline has passed, so no result can be used.
+    Asked once per decoding step from the inference thread: reading `done()` is enough."""
+    latest = max(it.deadline for it in items)
+    return lambda: time.monotonic() >= latest or all(it.fut.done() for it in items)
 
 
 def _settle(fut: asyncio.Future, text, err):
@@ -169,6 +214,32 @@ class LimitBody:
             await refusal(scope, receive, send)
 
 
+async def recognize_upload(model, inference: "InferenceQueue", decoders: ThreadPoolExecutor,
+                           limits: Limits, data: bytes, name: str, deadline: float) -> dict:
+    """Decode, preprocess and recognize one upload; errors become a status and a message."""
+    t0 = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    try:
+        page = await asyncio.wait_for(loop.run_in_executor(decoders, model.preprocess, data, limits.max_pixels),
+                                      max(0.0, deadline - time.monotonic()))
+        if page is None:
+            latex = ""  # a blank image: nothing to recognize
+        else:
+            latex = await asyncio.wait_for(inference.submit(page, deadline),
+                                           max(0.0, deadline - time.monotonic()))
+    except ImageTooLarge as e:
+        return {"file": name, "status": 413, "error": str(e)}
+    except (ImageError, TooManyTokens) as e:
+        return {"file": name, "status": 422, "error": str(e)}
+    except QueueFull as e:
+        return {"file": name, "status": 503, "error": str(e)}
+    except (asyncio.TimeoutError, DecodeCancelled):  # the decode stopped at the deadline may tell first
+        return {"file": name, "status": 504, "error": f"no result within the {limits.timeout:g} s limit"}
+    except Exception as e:  # a model failure: say so, keep serving
+        return {"file": name, "status": 500, "error": f"inference failed: {type(e).__name__}: {e}"}
+    return {"file": name, "latex": latex, "seconds": round(time.perf_counter() - t0, 4)}
+
+
 def create_app(model, limits: Limits | None = None):
     """The FastAPI app around a loaded `LatexOCR` (its inference thread runs while the app does)."""
     limits = limits or Limits()
@@ -193,28 +264,8 @@ def create_app(model, limits: Limits | None = None):
         return JSONResponse({"detail": f"send the image as multipart/form-data field '{field}' "
                                        f"(problem with: {fields})"}, status_code=422)
 
-    async def one(data: bytes, name: str, deadline: float) -> dict:
-        """Decode, preprocess and recognize one upload; errors become a status and a message."""
-        t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        try:
-            page = await asyncio.wait_for(loop.run_in_executor(decoders, model.preprocess, data, limits.max_pixels),
-                                          max(0.0, deadline - time.monotonic()))
-            if page is None:
-                latex = ""  # a blank image: nothing to recognize
-            else:
-                latex = await asyncio.wait_for(inference.submit(page), max(0.0, deadline - time.monotonic()))
-        except ImageTooLarge as e:
-            return {"file": name, "status": 413, "error": str(e)}
-        except ImageError as e:
-            return {"file": name, "status": 422, "error": str(e)}
-        except QueueFull as e:
-            return {"file": name, "status": 503, "error": str(e)}
-        except asyncio.TimeoutError:
-            return {"file": name, "status": 504, "error": f"no result within the {limits.timeout:g} s limit"}
-        except Exception as e:  # a model failure: say so, keep serving
-            return {"file": name, "status": 500, "error": f"inference failed: {type(e).__name__}: {e}"}
-        return {"file": name, "latex": latex, "seconds": round(time.perf_counter() - t0, 4)}
+    def one(data: bytes, name: str, deadline: float):
+        return recognize_upload(model, inference, decoders, limits, data, name, deadline)
 
     @app.post("/predict")
     async def predict(file: UploadFile = File(...)):
@@ -242,7 +293,7 @@ def create_app(model, limits: Limits | None = None):
         return {"status": "ok", "backend": model.backend,
                 "model": os.path.basename(os.path.normpath(model.checkpoint)),
                 "queued": inference.q.qsize(), "batches": inference.batches, "pages": inference.pages,
-                "forward_passes": inference.forward_passes,
+                "forward_passes": inference.forward_passes, "cancelled": inference.cancelled,
                 "limits": limits.__dict__}
 
     @app.get("/")
@@ -257,15 +308,16 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
-    from pix2tex.predict import DEFAULT_CHECKPOINT, LatexOCR, quiet_third_party_warnings
+    from pix2tex.predict import BACKENDS, LatexOCR, quiet_third_party_warnings
 
     d = Limits()
     p = argparse.ArgumentParser(prog="pix2tex-serve", description="HTTP service: image of a formula -> LaTeX.")
-    p.add_argument("--checkpoint", "-c", help=f"trained checkpoint or ONNX export folder (default: "
-                                              f"$PIX2TEX_CHECKPOINT or {DEFAULT_CHECKPOINT})")
+    p.add_argument("--checkpoint", "-c", help="trained checkpoint or ONNX export folder (default: "
+                                              "$PIX2TEX_CHECKPOINT, else the released model)")
     p.add_argument("--config", help="YAML config (default: the one stored in the checkpoint)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the one the checkpoint names)")
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto: the checkpoint's kind; without one, the released ONNX graphs")
     p.add_argument("--device", default="auto")
     p.add_argument("--beam", type=int, default=1, help="beam width (1: greedy)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -274,7 +326,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-upload-bytes", type=int, default=d.max_upload_bytes)
     p.add_argument("--max-pixels", type=int, default=d.max_pixels)
     p.add_argument("--max-files", type=int, default=d.max_files)
-    p.add_argument("--timeout", type=float, default=d.timeout, help="seconds per request")
+    p.add_argument("--timeout", type=float, default=d.timeout,
+                   help="seconds per request; a decode past it is stopped (504)")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens,
+                   help="tokens per formula; one without its end within them: 422 "
+                        "(default: the model's maximum)")
     p.add_argument("--queue-size", type=int, default=d.queue_size)
     p.add_argument("--max-batch", type=int, default=d.max_batch)
     p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait * 1000)
@@ -282,8 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     quiet_third_party_warnings()
     limits = Limits(max_upload_bytes=a.max_upload_bytes, max_pixels=a.max_pixels, max_files=a.max_files,
-                    timeout=a.timeout, queue_size=a.queue_size, max_batch=a.max_batch,
-                    batch_wait=a.batch_wait_ms / 1000)
+                    timeout=a.timeout, max_tokens=a.max_tokens, queue_size=a.queue_size,
+                    max_batch=a.max_batch, batch_wait=a.batch_wait_ms / 1000)
     try:
         model = LatexOCR(a.checkpoint, config=a.config, tokenizer=a.tokenizer, device=a.device,
                          backend=a.backend, beam_width=a.beam, batch_size=a.max_batch, threads=a.threads)

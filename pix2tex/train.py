@@ -20,6 +20,10 @@ stops at once.
 """
 from __future__ import annotations
 
+from pix2tex.extras import require
+
+require("train", __name__)  # first: without the train extra, say what to install
+
 import argparse
 import bisect
 import contextlib
@@ -35,6 +39,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -446,7 +451,7 @@ def improved(metric: str, value: float, best: float | None, min_delta: float = 0
 class MetricsLog:
     """`metrics.jsonl` in the run folder (always), and wandb when `wandb: true`."""
 
-    def __init__(self, run_dir: str, cfg, enabled: bool):
+    def __init__(self, run_dir: str, cfg, enabled: bool, run_id: str | None = None):
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.wandb = None
@@ -458,7 +463,7 @@ class MetricsLog:
                     if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
                         f.write(b"\n")
             if cfg.wandb:
-                self.wandb = start_wandb(cfg, run_dir)
+                self.wandb = start_wandb(cfg, run_dir, run_id)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -479,8 +484,10 @@ class MetricsLog:
             self.wandb.finish()
 
 
-def start_wandb(cfg, run_dir: str):
-    """wandb run; offline unless a key is set or someone is at the terminal, so it never asks."""
+def start_wandb(cfg, run_dir: str, run_id: str | None = None):
+    """wandb run; offline unless a key is set or someone is at the terminal, so it never asks.
+    `run_id` (the config's `id`, else the one the run's checkpoints keep) lets a resumed run
+    continue its wandb run instead of starting a new one."""
     try:
         import wandb
     except ImportError:
@@ -488,7 +495,7 @@ def start_wandb(cfg, run_dir: str):
                           "or set wandb: false") from None
     mode = os.environ.get("WANDB_MODE") or (
         "online" if os.environ.get("WANDB_API_KEY") or sys.stdin.isatty() else "offline")
-    return wandb.init(project="pix2tex", name=cfg.name, id=cfg.id, resume="allow", dir=run_dir,
+    return wandb.init(project="pix2tex", name=cfg.name, id=run_id, resume="allow", dir=run_dir,
                       config=to_dict(cfg), mode=mode)
 
 
@@ -542,6 +549,40 @@ class Progress:
     validated: bool = True  # the validation due at this point has run
 
 
+@dataclass
+class Run:
+    """What the loop works on, built once by `start_run`; the helpers below take it whole."""
+    cfg: Any
+    rt: Runtime
+    model: torch.nn.Module  # what `loss_fn` receives: maybe compiled and/or DDP-wrapped
+    raw_model: torch.nn.Module  # the plain model: saved, validated, used for generation
+    loss_fn: LossFn
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_data: Any
+    val_data: Any
+    tokenizer: Any
+    tokenizer_path: str
+    tokenizer_sha: str
+    run_dir: str
+    run_id: str  # kept across resumes: the wandb run id, so a resumed run continues its curves
+    valdata_sha: str | None  # the validation pkl's content: best values compare on one set only
+    micro: int  # micro batch size
+    p: Progress
+    log: MetricsLog
+    stop: StopRequest
+    say: Callable[[str], None]
+    echo: Callable[[str], None] | None
+    last_val: dict | None = None
+    saved_step: int = -1  # the step last.pth holds
+    t_log: float = 0.0  # time and samples since the last logged step, for samples/s
+    samples_since: int = 0
+
+    @property
+    def max_steps(self) -> float:
+        return self.cfg.max_steps or float("inf")
+
+
 def run_folder(cfg) -> str:
     return os.path.join(cfg.model_path, cfg.name + ("-fast_dev_run" if cfg.fast_dev_run else ""))
 
@@ -568,6 +609,183 @@ def train(cfg, model: torch.nn.Module | None = None, loss_fn: LossFn | None = No
 
 
 def _train(cfg, model, loss_fn, train_data, val_data, resume, echo) -> dict:
+    run = start_run(cfg, model, loss_fn, train_data, val_data, resume, echo)
+    p, reason = run.p, None
+    with run.stop:
+        # A checkpoint written before its validation ran (interrupted there): validate first,
+        # as the uninterrupted run did at this point.
+        if not p.validated and validation_due(run, len(run.train_data.batch_plan(p.epoch))):
+            validate_and_select(run)
+        run.t_log = time.time()
+        while p.epoch < run.cfg.epochs and p.step < run.max_steps and reason is None:
+            reason = train_epoch(run)
+        reason = finish(run, reason)
+    run.log.write({"step": p.step, "epoch": p.epoch, "event": "stop", "reason": reason})
+    run.log.close()
+    return {"step": p.step, "epoch": p.epoch, "reason": reason, "best": p.best,
+            "best_step": p.best_step, "best_metric": run.cfg.best_metric, "metrics": run.last_val,
+            "run_dir": run.run_dir}
+
+
+def train_epoch(run: Run) -> str | None:
+    """The rest of epoch `p.epoch`, step by step; returns why the run stops, or None to go on."""
+    p, cfg = run.p, run.cfg
+    plan = run.train_data.batch_plan(p.epoch)
+    bar = None
+    if run.echo is not None and run.rt.main:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(plan), initial=p.batch_in_epoch, desc=f"epoch {p.epoch}",
+                   dynamic_ncols=True, leave=False)
+    reason = None
+    for index, images, tgt, real in epoch_batches(run.train_data, p.epoch, p.batch_in_epoch,
+                                                  run.rt, cfg.num_workers, cfg.seed):
+        if not train_step(run, index, images, tgt, real, len(plan[index]), bar):
+            reason = run.stop.reason or "signal"
+            break
+        reason = after_step(run, len(plan))
+        if reason is not None:
+            break
+    if bar is not None:
+        bar.close()
+    if reason is None and p.batch_in_epoch >= len(plan):
+        p.epoch, p.batch_in_epoch = p.epoch + 1, 0
+    return reason
+
+
+def train_step(run: Run, index: int, images, tgt, real: bool, samples: int, bar) -> bool:
+    """One optimizer step on batch `index`, logged; False (no step taken) when asked to stop."""
+    p, rt = run.p, run.rt
+    # One collective per step: the step's target tokens over all ranks, and whether any rank was
+    # asked to stop (so that all stop after the same step).
+    local_tokens = target_tokens(tgt, run.cfg.pad_token) if real else 0
+    tokens, stop_flags = all_sum([local_tokens, float(run.stop.reason is not None)], rt)
+    if stop_flags:
+        return False
+    lr = run.optimizer.param_groups[0]["lr"]
+    loss_sum, parts = forward_backward(
+        run.model, run.loss_fn, images, tgt, micro=run.micro, rt=rt, pad=run.cfg.pad_token,
+        weight=1.0 / max(tokens, 1) if real else 0.0)
+    grad_norm = optimizer_step(run.model, run.optimizer, run.scheduler, run.cfg.grad_clip)
+    p.step, p.batch_in_epoch, p.validated = p.step + 1, index + 1, False
+    run.samples_since += samples
+
+    summed = all_sum([loss_sum, *parts.values()], rt)  # on every rank, every step
+    loss = summed[0] / max(tokens, 1)
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        bar.update(1)
+    if p.step % run.cfg.log_freq == 0:
+        now = time.time()
+        run.log.write({"step": p.step, "epoch": p.epoch, "batch": p.batch_in_epoch,
+                       "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                       "samples_per_s": run.samples_since / max(now - run.t_log, 1e-9),
+                       **{k: v / max(tokens, 1) for k, v in zip(parts, summed[1:])}})
+        run.t_log, run.samples_since = now, 0
+    return True
+
+
+def validation_due(run: Run, plan_len: int) -> bool:
+    p = run.p
+    # also at max_steps: the end of the LR schedule is the model best.pth should get to see
+    return p.step > 0 and (p.step % run.cfg.sample_freq == 0 or p.batch_in_epoch == plan_len
+                           or p.step == run.max_steps)
+
+
+def after_step(run: Run, plan_len: int) -> str | None:
+    """Validation, early stopping and checkpoints due after a step; why to stop, or None."""
+    p, cfg = run.p, run.cfg
+    reason = None
+    if validation_due(run, plan_len):
+        validate_and_select(run)
+        if cfg.early_stopping.patience and p.bad_validations >= cfg.early_stopping.patience:
+            reason = "early_stopping"
+    if p.validated or (cfg.save_steps and p.step % cfg.save_steps == 0):
+        save_state(run, "last.pth")
+    if cfg.save_freq and p.batch_in_epoch == plan_len and (p.epoch + 1) % cfg.save_freq == 0:
+        save_state(run, f"{cfg.name}_e{p.epoch + 1:02d}.pth")  # LaTeX-OCR's: every n-th epoch
+    if reason is None and p.step >= run.max_steps:
+        reason = "max_steps"
+    return reason
+
+
+def finish(run: Run, reason: str | None) -> str:
+    """Why the run stopped, after leaving a resumable last.pth of its final step."""
+    p = run.p
+    reason = reason or ("max_steps" if p.step >= run.max_steps else "epochs")
+    if run.stop.reason is not None and reason != run.stop.reason:
+        reason = run.stop.reason  # asked to stop during the last validation
+    interrupted = reason in ("SIGINT", "SIGTERM", "signal")
+    if run.saved_step != p.step or interrupted:
+        save_state(run, "last.pth", interrupted=interrupted)
+    return reason
+
+
+def validate_and_select(run: Run) -> bool:
+    """Validate on rank 0, keep best.pth, count towards early stopping. False if interrupted."""
+    if run.val_data is None:
+        return True
+    p, cfg, rt = run.p, run.cfg, run.rt
+    result = None
+    if rt.main:
+        t0 = time.time()
+        result = validate(run.raw_model, run.val_data, run.tokenizer, cfg, rt, cfg.valbatches,
+                          lambda: run.stop.reason is not None)
+        if result is not None:
+            result["seconds"] = round(time.time() - t0, 2)
+    if rt.world > 1:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    if result is None:
+        return False
+    run.last_val, p.validated = result, True
+    es = cfg.early_stopping
+    if es.patience:
+        monitor = es.monitor or cfg.best_metric
+        if improved(monitor, result[monitor], p.monitor_best, es.min_delta):
+            p.monitor_best, p.bad_validations = result[monitor], 0
+        else:
+            p.bad_validations += 1
+    if improved(cfg.best_metric, result[cfg.best_metric], p.best):
+        p.best, p.best_step = result[cfg.best_metric], p.step
+        save_state(run, "best.pth")
+    run.log.write({"step": p.step, "epoch": p.epoch, "val": result})
+    run.say(f"step {p.step} validation: " + ", ".join(
+        f"{k} {result[k]:.4f}" for k in ("val_loss", "bleu", "edit_distance", "token_accuracy")))
+    for ex in result["examples"]:
+        run.say(f"  pred: {ex['pred']}\n  ref:  {ex['ref']}")
+    return True
+
+
+def save_state(run: Run, name: str, interrupted: bool = False) -> None:
+    """The whole training state as `name` in the run folder (a collective: all ranks call it)."""
+    p, cfg = run.p, run.cfg
+    rng = gather_rng(run.rt)
+    if run.rt.main:
+        save_checkpoint({
+            "model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "rng": rng,
+            "epoch": p.epoch, "step": p.step, "batch_in_epoch": p.batch_in_epoch,
+            "best": p.best, "best_step": p.best_step, "best_metric": cfg.best_metric,
+            "early_stopping": {"monitor_best": p.monitor_best,
+                               "bad_validations": p.bad_validations},
+            "validated": p.validated, "interrupted": interrupted,
+            "metrics": _numbers(run.last_val or {}), "world_size": run.rt.world,
+            "run_id": run.run_id, "valdata_sha256": run.valdata_sha,
+            "config": to_dict(cfg), "tokenizer": run.tokenizer_path,
+            "tokenizer_sha256": run.tokenizer_sha}, os.path.join(run.run_dir, name))
+    if name == "last.pth":
+        run.saved_step = p.step
+
+
+def _numbers(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+# --- setting a run up ----------------------------------------------------------------------------
+
+def start_run(cfg, model, loss_fn, train_data, val_data, resume: bool, echo) -> Run:
+    """Config, runtime, data, model, optimizer and schedule, and the resumed state when asked."""
     cfg = copy.deepcopy(cfg)
     if cfg.fast_dev_run:  # a couple of train and val batches, end to end
         cfg.max_steps = min(cfg.max_steps or 2, 2)
@@ -576,10 +794,65 @@ def _train(cfg, model, loss_fn, train_data, val_data, resume, echo) -> dict:
     say = echo if (echo is not None and rt.main) else (lambda line: None)
     set_determinism(cfg.deterministic, rt.device)
     run_dir = run_folder(cfg)
-    loss_fn = loss_fn or default_loss
-    pad = cfg.pad_token
 
     # Data first: a missing file or a dataset that cannot fit is said before any real work.
+    train_data, val_data, (tokenizer, tokenizer_path, tokenizer_sha) = load_data(
+        cfg, train_data, val_data, rt, say)
+    micro = cfg.batchsize // rt.world if cfg.micro_batchsize in (-1, None) else cfg.micro_batchsize
+
+    # Model: identical initial weights on every rank (seeded), then per-rank training randomness.
+    seed_everything(cfg.seed)
+    if model is None:
+        from pix2tex.models import get_model
+        model = get_model(cfg)
+    model.to(rt.device)
+    ckpt = None
+    if resume:
+        ckpt = resume_checkpoint(cfg, run_dir, model, tokenizer_sha, say)
+    elif cfg.load_ckpt:
+        weights = load_checkpoint(cfg.load_ckpt)
+        check_compatible(weights, to_dict(cfg), tokenizer_sha, cfg.load_ckpt)
+        load_model_weights(model, weights, cfg.load_ckpt)
+        say(f"starting from the weights of {cfg.load_ckpt}")
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, total_steps(cfg, len(train_data.batch_plan(0))))
+    valdata_sha = file_sha256(cfg.valdata) if val_data is not None and cfg.valdata else None
+    if ckpt is not None:
+        p = restore_progress(ckpt, optimizer, scheduler, cfg, rt, say)
+        if ckpt.get("valdata_sha256") and valdata_sha and ckpt["valdata_sha256"] != valdata_sha:
+            # a best value measured on other validation formulas says nothing about these
+            p.best = p.best_step = p.monitor_best = None
+            p.bad_validations = 0
+            say(f"note: the validation set {cfg.valdata} is not the one this run validated on so "
+                f"far: its best {cfg.best_metric} starts afresh (best.pth is replaced at the next "
+                f"validation)")
+    else:
+        p = Progress()
+        seed_everything(cfg.seed + rt.rank)
+
+    wrapped = model
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)
+    if rt.world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            wrapped, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    wrapped.train()
+    if rt.main:
+        os.makedirs(run_dir, exist_ok=True)
+        remove_stale_temporaries(run_dir)
+    run_id = cfg.id or (ckpt or {}).get("run_id") or uuid.uuid4().hex[:8]
+    return Run(cfg=cfg, rt=rt, model=wrapped, raw_model=model, loss_fn=loss_fn or default_loss,
+               optimizer=optimizer, scheduler=scheduler, train_data=train_data,
+               val_data=val_data, tokenizer=tokenizer, tokenizer_path=tokenizer_path,
+               tokenizer_sha=tokenizer_sha, run_dir=run_dir, run_id=run_id,
+               valdata_sha=valdata_sha, micro=micro, p=p,
+               log=MetricsLog(run_dir, cfg, enabled=rt.main, run_id=run_id), stop=StopRequest(),
+               say=say, echo=echo, saved_step=p.step if ckpt is not None else -1)
+
+
+def load_data(cfg, train_data, val_data, rt: Runtime, say):
+    """The datasets (the config's pkls unless given) and the tokenizer they were encoded with:
+    (train_data, val_data, (tokenizer, its path, its sha256)). Checks they fit the model."""
     if train_data is None:
         train_data = load_dataset(cfg.data, "data")
     if val_data is None and cfg.valdata:
@@ -599,225 +872,63 @@ def _train(cfg, model, loss_fn, train_data, val_data, resume, echo) -> dict:
                           f"num_tokens={cfg.num_tokens}; set num_tokens >= {len(tokenizer)}")
     for line in prepare_datasets(cfg, train_data, val_data, rt):
         say(line)
-    micro = cfg.batchsize // rt.world if cfg.micro_batchsize in (-1, None) else cfg.micro_batchsize
+    return train_data, val_data, (tokenizer, tokenizer_path, tokenizer_sha)
 
-    # Model: identical initial weights on every rank (seeded), then per-rank training randomness.
-    seed_everything(cfg.seed)
-    if model is None:
-        from pix2tex.models import get_model
-        model = get_model(cfg)
-    model.to(rt.device)
 
-    ckpt = None
-    if resume:
-        source = cfg.load_ckpt or newest_checkpoint(run_dir)
-        if source is None:
-            raise CheckpointError(f"--resume: no load_ckpt set and no checkpoint in {run_dir}")
-        ckpt = load_checkpoint(source)  # on the CPU: RNG states must stay there; the
-        # optimizer's load_state_dict moves its tensors to the parameters' device
-        own = newest_checkpoint(run_dir) if not is_training_state(ckpt) else None
-        if own is not None:  # load_ckpt is the weights a fine-tuning run started from
-            source, ckpt = own, load_checkpoint(own)
-        if not is_training_state(ckpt):
-            raise CheckpointError(f"{source} holds weights only, not a training state; start a "
-                                  f"new run from it with load_ckpt={source} (without --resume)")
-        check_compatible(ckpt, to_dict(cfg), tokenizer_sha, source)
-        if ckpt.get("best_metric") not in (None, cfg.best_metric):
-            raise ConfigError(f"{source}: its run keeps best.pth by {ckpt['best_metric']}, this config "
-                              f"by {cfg.best_metric}; set best_metric={ckpt['best_metric']} to resume "
-                              f"it, or start a new run")
-        load_model_weights(model, ckpt, source)
-        say(f"resuming from {source} at step {ckpt['step']} (epoch {ckpt['epoch']}, "
-            f"batch {ckpt['batch_in_epoch']})")
-    elif cfg.load_ckpt:
-        weights = load_checkpoint(cfg.load_ckpt)
-        check_compatible(weights, to_dict(cfg), tokenizer_sha, cfg.load_ckpt)
-        load_model_weights(model, weights, cfg.load_ckpt)
-        say(f"starting from the weights of {cfg.load_ckpt}")
-    raw_model = model  # saved, validated and used for generation; `model` may be wrapped below
-    optimizer = build_optimizer(cfg, raw_model)
-    scheduler = build_scheduler(cfg, optimizer, total_steps(cfg, len(train_data.batch_plan(0))))
+def resume_checkpoint(cfg, run_dir: str, model, tokenizer_sha: str, say) -> dict:
+    """The training state `--resume` continues (its weights loaded into `model`): `load_ckpt` when
+    it is one, else the run folder's checkpoint with the highest step (also when `load_ckpt` is
+    the weights a fine-tuning run started from)."""
+    source = cfg.load_ckpt or newest_checkpoint(run_dir)
+    if source is None:
+        raise CheckpointError(f"--resume: no load_ckpt set and no checkpoint in {run_dir}")
+    # on the CPU: RNG states must stay there; the optimizer's load_state_dict moves its tensors
+    # to the parameters' device
+    ckpt = load_checkpoint(source)
+    own = newest_checkpoint(run_dir) if not is_training_state(ckpt) else None
+    if own is not None:
+        source, ckpt = own, load_checkpoint(own)
+    if not is_training_state(ckpt):
+        raise CheckpointError(f"{source} holds weights only, not a training state; start a "
+                              f"new run from it with load_ckpt={source} (without --resume)")
+    check_compatible(ckpt, to_dict(cfg), tokenizer_sha, source)
+    if ckpt.get("best_metric") not in (None, cfg.best_metric):
+        raise ConfigError(f"{source}: its run keeps best.pth by {ckpt['best_metric']}, this config "
+                          f"by {cfg.best_metric}; set best_metric={ckpt['best_metric']} to resume "
+                          f"it, or start a new run")
+    load_model_weights(model, ckpt, source)
+    say(f"resuming from {source} at step {ckpt['step']} (epoch {ckpt['epoch']}, "
+        f"batch {ckpt['batch_in_epoch']})")
+    return ckpt
 
-    p = Progress()
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        saved_total = (ckpt["scheduler"] or {}).get("total_steps")
-        if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR) and saved_total and \
-                saved_total != scheduler.total_steps:
-            # max_steps changed on resume: follow the new schedule from the current step on
-            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()"
-                warnings.simplefilter("ignore", UserWarning)
-                for _ in range(min(ckpt["step"], scheduler.total_steps - 1)):
-                    scheduler.step()
-            say(f"note: LR schedule re-planned from {saved_total} to {scheduler.total_steps} steps "
-                f"(max_steps changed); step {ckpt['step']} continues at lr "
-                f"{optimizer.param_groups[0]['lr']:.3g}")
-        else:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        p = Progress(step=ckpt["step"], epoch=ckpt["epoch"], batch_in_epoch=ckpt["batch_in_epoch"],
-                     best=ckpt.get("best"), best_step=ckpt.get("best_step"),
-                     **ckpt.get("early_stopping", {}), validated=ckpt.get("validated", True))
-        states = ckpt.get("rng") or []
-        if len(states) == rt.world:
-            set_rng_state(states[rt.rank])
-        else:
-            seed_everything(cfg.seed + p.step + rt.rank)
-            say(f"note: the checkpoint was written by {len(states)} processes, now {rt.world}: "
-                f"random state re-seeded, the run will not repeat the original exactly")
+
+def restore_progress(ckpt: dict, optimizer, scheduler, cfg, rt: Runtime, say) -> Progress:
+    """Optimizer, schedule and RNG state from a training checkpoint; where the run stood."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    saved_total = (ckpt["scheduler"] or {}).get("total_steps")
+    if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR) and saved_total and \
+            saved_total != scheduler.total_steps:
+        # max_steps changed on resume: follow the new schedule from the current step on
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()"
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(min(ckpt["step"], scheduler.total_steps - 1)):
+                scheduler.step()
+        say(f"note: LR schedule re-planned from {saved_total} to {scheduler.total_steps} steps "
+            f"(max_steps changed); step {ckpt['step']} continues at lr "
+            f"{optimizer.param_groups[0]['lr']:.3g}")
     else:
-        seed_everything(cfg.seed + rt.rank)
-
-    if cfg.compile:
-        model = torch.compile(model)
-    if rt.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    model.train()
-    if rt.main:
-        os.makedirs(run_dir, exist_ok=True)
-        remove_stale_temporaries(run_dir)
-    log = MetricsLog(run_dir, cfg, enabled=rt.main)
-    stop = StopRequest()
-    last_val: dict | None = None
-    saved_step = p.step if ckpt is not None else -1
-
-    def save(name: str, interrupted: bool = False) -> None:
-        rng = gather_rng(rt)  # a collective: every rank saves at the same step
-        if rt.main:
-            save_checkpoint({
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng,
-                "epoch": p.epoch, "step": p.step, "batch_in_epoch": p.batch_in_epoch,
-                "best": p.best, "best_step": p.best_step, "best_metric": cfg.best_metric,
-                "early_stopping": {"monitor_best": p.monitor_best,
-                                   "bad_validations": p.bad_validations},
-                "validated": p.validated, "interrupted": interrupted,
-                "metrics": _numbers(last_val or {}), "world_size": rt.world,
-                "config": to_dict(cfg), "tokenizer": tokenizer_path,
-                "tokenizer_sha256": tokenizer_sha}, os.path.join(run_dir, name))
-
-    def run_validation() -> bool:
-        """Validate on rank 0, keep best.pth, count towards early stopping. False if interrupted."""
-        nonlocal last_val
-        if val_data is None:
-            return True
-        result = None
-        if rt.main:
-            t0 = time.time()
-            result = validate(raw_model, val_data, tokenizer, cfg, rt, cfg.valbatches,
-                              lambda: stop.reason is not None)
-            if result is not None:
-                result["seconds"] = round(time.time() - t0, 2)
-        if rt.world > 1:
-            box = [result]
-            dist.broadcast_object_list(box, src=0)
-            result = box[0]
-        if result is None:
-            return False
-        last_val = result
-        p.validated = True
-        es = cfg.early_stopping
-        monitor = es.monitor or cfg.best_metric
-        if es.patience:
-            if improved(monitor, result[monitor], p.monitor_best, es.min_delta):
-                p.monitor_best, p.bad_validations = result[monitor], 0
-            else:
-                p.bad_validations += 1
-        if improved(cfg.best_metric, result[cfg.best_metric], p.best):
-            p.best, p.best_step = result[cfg.best_metric], p.step
-            save("best.pth")
-        log.write({"step": p.step, "epoch": p.epoch, "val": result})
-        say(f"step {p.step} validation: " + ", ".join(
-            f"{k} {result[k]:.4f}" for k in ("val_loss", "bleu", "edit_distance", "token_accuracy")))
-        for ex in result["examples"]:
-            say(f"  pred: {ex['pred']}\n  ref:  {ex['ref']}")
-        return True
-
-    max_steps = cfg.max_steps or float("inf")
-
-    def validation_due(plan_len: int) -> bool:
-        # also at max_steps: the end of the LR schedule is the model best.pth should get to see
-        return p.step > 0 and (p.step % cfg.sample_freq == 0 or p.batch_in_epoch == plan_len
-                               or p.step == max_steps)
-
-    reason = None
-    with stop:
-        # A checkpoint written before its validation ran (interrupted there): validate first,
-        # as the uninterrupted run did at this point.
-        if not p.validated and validation_due(len(train_data.batch_plan(p.epoch))):
-            run_validation()
-        t_log, samples_since = time.time(), 0
-        while p.epoch < cfg.epochs and p.step < max_steps and reason is None:
-            plan = train_data.batch_plan(p.epoch)
-            bar = None
-            if echo is not None and rt.main:
-                from tqdm.auto import tqdm
-                bar = tqdm(total=len(plan), initial=p.batch_in_epoch, desc=f"epoch {p.epoch}",
-                           dynamic_ncols=True, leave=False)
-            for index, images, tgt, real in epoch_batches(train_data, p.epoch, p.batch_in_epoch,
-                                                          rt, cfg.num_workers, cfg.seed):
-                # One collective per step: the step's target tokens over all ranks, and whether
-                # any rank was asked to stop (so that all stop after the same step).
-                local_tokens = target_tokens(tgt, pad) if real else 0
-                tokens, stop_flags = all_sum([local_tokens, float(stop.reason is not None)], rt)
-                if stop_flags:
-                    reason = stop.reason or "signal"
-                    break
-                lr = optimizer.param_groups[0]["lr"]
-                loss_sum, parts = forward_backward(
-                    model, loss_fn, images, tgt, micro=micro, rt=rt, pad=pad,
-                    weight=1.0 / max(tokens, 1) if real else 0.0)
-                grad_norm = optimizer_step(model, optimizer, scheduler, cfg.grad_clip)
-                p.step, p.batch_in_epoch, p.validated = p.step + 1, index + 1, False
-                samples_since += len(plan[index])
-
-                summed = all_sum([loss_sum, *parts.values()], rt)  # on every rank, every step
-                loss = summed[0] / max(tokens, 1)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-                    bar.update(1)
-                if p.step % cfg.log_freq == 0:
-                    now = time.time()
-                    log.write({"step": p.step, "epoch": p.epoch, "batch": p.batch_in_epoch,
-                               "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                               "samples_per_s": samples_since / max(now - t_log, 1e-9),
-                               **{k: v / max(tokens, 1) for k, v in zip(parts, summed[1:])}})
-                    t_log, samples_since = now, 0
-
-                if validation_due(len(plan)):
-                    run_validation()
-                    if cfg.early_stopping.patience and \
-                            p.bad_validations >= cfg.early_stopping.patience:
-                        reason = "early_stopping"
-                if p.validated or (cfg.save_steps and p.step % cfg.save_steps == 0):
-                    save("last.pth")
-                    saved_step = p.step
-                if cfg.save_freq and p.batch_in_epoch == len(plan) and \
-                        (p.epoch + 1) % cfg.save_freq == 0:  # LaTeX-OCR's: every n-th epoch
-                    save(f"{cfg.name}_e{p.epoch + 1:02d}.pth")
-                if reason is None and p.step >= max_steps:
-                    reason = "max_steps"
-                if reason is not None:
-                    break
-            if bar is not None:
-                bar.close()
-            if reason is None and p.batch_in_epoch >= len(plan):
-                p.epoch, p.batch_in_epoch = p.epoch + 1, 0
-        reason = reason or ("max_steps" if p.step >= max_steps else "epochs")
-        if stop.reason is not None and reason != stop.reason:
-            reason = stop.reason  # asked to stop during the last validation
-        interrupted = reason in ("SIGINT", "SIGTERM", "signal")
-        if saved_step != p.step or interrupted:  # always leave a resumable last.pth
-            save("last.pth", interrupted=interrupted)
-    log.write({"step": p.step, "epoch": p.epoch, "event": "stop", "reason": reason})
-    log.close()
-    return {"step": p.step, "epoch": p.epoch, "reason": reason, "best": p.best,
-            "best_step": p.best_step, "best_metric": cfg.best_metric, "metrics": last_val,
-            "run_dir": run_dir}
-
-
-def _numbers(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        scheduler.load_state_dict(ckpt["scheduler"])
+    p = Progress(step=ckpt["step"], epoch=ckpt["epoch"], batch_in_epoch=ckpt["batch_in_epoch"],
+                 best=ckpt.get("best"), best_step=ckpt.get("best_step"),
+                 **ckpt.get("early_stopping", {}), validated=ckpt.get("validated", True))
+    states = ckpt.get("rng") or []
+    if len(states) == rt.world:
+        set_rng_state(states[rt.rank])
+    else:
+        seed_everything(cfg.seed + p.step + rt.rank)
+        say(f"note: the checkpoint was written by {len(states)} processes, now {rt.world}: "
+            f"random state re-seeded, the run will not repeat the original exactly")
+    return p
 
 
 # --- command line ----------------------------------------------------------------------------

@@ -7,7 +7,9 @@
 # the machine: a second busy process slows training severalfold.
 #   SHARED (default ../shared/data), DATA (data/mix), TEST (data/im2latex_val),
 #   LEG_STEPS (default 5000: one cycle, ~100 min here), THREADS (torch threads, default all cores),
-#   RELEASE=0 to measure without releasing, LEG_NOTE (what the leg changed, for the curve).
+#   RELEASE=0 to measure without releasing, LEG_NOTE (what the leg changed, for the curve),
+#   SYNTH_MULTILINE (synthetic multi-line formulas in the mix, default 20000; another number
+#   changes train and val: the run's best metric then starts afresh on the new val set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" NO_ALBUMENTATIONS_UPDATE=1
@@ -15,6 +17,7 @@ SHARED=${SHARED:-../shared/data}
 DATA=${DATA:-data/mix}
 TEST=${TEST:-data/im2latex_val}
 LEG_STEPS=${LEG_STEPS:-5000}
+SYNTH_MULTILINE=${SYNTH_MULTILINE:-20000}
 CONFIG=settings/config-cpu.yaml
 RUN=checkpoints/pix2tex-cpu
 export OMP_NUM_THREADS=${THREADS:-$(nproc)}
@@ -25,7 +28,7 @@ done
 echo "== 1/4 data: arXiv display + Wikipedia + synthetic multi-line formulas (train/val) -> $DATA;"
 echo "   im2latex val (test, 100-130 dpi like every earlier measure) -> $TEST; the shipped tokenizer"
 mkdir -p "$DATA"
-python -m dataset_tools.synth -n 20000 --seed 1 -o "$DATA/synth_multiline.txt" \
+python -m dataset_tools.synth -n "$SYNTH_MULTILINE" --seed 1 -o "$DATA/synth_multiline.txt" \
   --set w_matrix=10 w_cases=6 p_aligned=0.25
 ./create_data.sh --formulas "$SHARED/arxiv_display.norm.txt" "$SHARED/wikipedia_math.raw.txt" \
   "$DATA/synth_multiline.txt" --test-formulas "$SHARED/im2latex_val.norm.txt" \
@@ -61,14 +64,14 @@ if [ ! -f "$SHIPPED" ]; then
   cp "$RUN/eval_shipped/metrics.json" "$SHIPPED"
 fi
 
-echo "== 4/4 release best.pth to models/ if its im2latex val BLEU beats the shipped model's"
+echo "== 4/4 release best.pth to models/ (torch) and pix2tex/released/ (ONNX) if its im2latex val BLEU beats the shipped model's"
 better=$(python -c 'import json, sys
 new, old = (json.load(open(p))["metrics"]["bleu"] for p in sys.argv[1:])
 print(int(new > old)); print(f"im2latex val BLEU: this leg {new:.4f}, shipped {old:.4f}", file=sys.stderr)' \
   "$RUN/eval_im2latex_val/metrics.json" "$SHIPPED")
 shipped=()
 if [ "$better" = 1 ] && [ "${RELEASE:-1}" = 1 ]; then
-  python -m pix2tex.release --checkpoint "$RUN/best.pth" --out models
+  python -m pix2tex.release --checkpoint "$RUN/best.pth" --out models --onnx-out pix2tex/released
   cp "$RUN/eval_im2latex_val/metrics.json" "$SHIPPED"
   shipped=(--shipped)
 else

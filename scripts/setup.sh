@@ -30,6 +30,20 @@ if ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; 
   apt_install "headless Chromium (for tests/test_serve.py's page test)" "chromium chromium-driver" warning
 fi
 
+# MathJax 3 (npm mathjax-full, package.json): a renderer of bench/screenshots.py.
+if [ ! -f node_modules/mathjax-full/es5/tex-svg-full.js ]; then
+  if command -v npm >/dev/null; then
+    echo "[setup] installing MathJax (npm, package.json) into node_modules/"
+    npm install --no-audit --no-fund --silent >/dev/null \
+      || echo "warning: npm install failed: bench/screenshots.py will lack MathJax" >&2
+  elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt_install "npm (MathJax for bench/screenshots.py)" "npm" warning
+    if command -v npm >/dev/null; then npm install --no-audit --no-fund --silent >/dev/null || true; fi
+  else
+    echo "warning: npm is needed for MathJax (bench/screenshots.py): sudo apt-get install -y npm" >&2
+  fi
+fi
+
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"

@@ -128,3 +128,34 @@ def test_selection_metrics_are_checked_on_load(tmp_path):
     with pytest.raises(ConfigError, match="early_stopping.monitor must be one of"):
         load_config(write(tmp_path, {"early_stopping": {"patience": 2, "monitor": "loss"}}))
     assert load_config(write(tmp_path, {"best_metric": "val_loss"})).best_metric == "val_loss"
+
+
+def test_extends_starts_from_another_file_and_merges_nested_keys(tmp_path):
+    write(tmp_path, {"dim": 64, "heads": 4, "optimizer": {"name": "AdamW", "lr": 1e-3}}, "base.yaml")
+    (tmp_path / "exp").mkdir()
+    child = write(tmp_path / "exp", {"extends": "../base.yaml", "heads": 2, "optimizer": {"lr": 5e-4}})
+    cfg = load_config(child)
+    assert (cfg.dim, cfg.heads) == (64, 2)  # kept from the base, overridden here
+    assert cfg.optimizer.name == "AdamW" and cfg.optimizer.lr == 5e-4  # merged key by key
+    # a bad key in the base is named with the file chain it came through
+    write(tmp_path, {"dimm": 64}, "base.yaml")
+    with pytest.raises(ConfigError, match=r"exp/c\.yaml extending .*base\.yaml.*'dimm'"):
+        load_config(child)
+    write(tmp_path, {"extends": "exp/c.yaml"}, "base.yaml")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(child)
+    with pytest.raises(ConfigError, match="not found: .*nothing.yaml"):
+        load_config(write(tmp_path, {"extends": "nothing.yaml"}))
+
+
+def test_distillation_experiments_extend_one_student():
+    settings = Path(__file__).resolve().parent.parent / "settings" / "distill"
+    student = to_dict(load_config(settings / "student.yaml"))
+    for name in ("original", "target_soft", "target_soft_embed", "beamsearch", "bs_soft",
+                 "bs_soft_embed"):
+        text = (settings / f"{name}.yaml").read_text()
+        assert "extends: student.yaml" in text and "encoder_structure" not in text, name
+        cfg = to_dict(load_config(settings / f"{name}.yaml"))
+        assert cfg["name"] == f"distill-{name}"
+        assert {k: v for k, v in cfg.items() if k not in ("name", "distill")} == \
+            {k: v for k, v in student.items() if k not in ("name", "distill")}

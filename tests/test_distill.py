@@ -103,11 +103,12 @@ import json
 import os
 from pathlib import Path
 
-from pix2tex.checkpoint import load_checkpoint, load_model_weights
-from pix2tex.config import load_config
+from pix2tex.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from pix2tex.config import ConfigError, load_config
 from pix2tex.dataset.dataset import Im2LatexDataset
-from pix2tex.distill.main import Distiller, check_pseudo_labels, distill, main
-from pix2tex.distill.pseudo_labels import make_pseudo_labels, model_digest
+from pix2tex.distill.main import Distiller, distill, main
+from pix2tex.distill.pseudo_labels import check_pseudo_labels, make_pseudo_labels
+from pix2tex.distill.teacher import load_teacher, model_digest
 from pix2tex.models import get_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -170,6 +171,21 @@ def distill_cfg(name, tiny_data, teacher_ckpt, tmp_path, bs_pkl=None, extra=()):
 def all_parts(distill_overrides, **kw):
     d = load_config(None, [f"distill.{k}={v}" for k, v in {**distill_overrides, **kw}.items()]).distill
     return d
+
+
+def test_load_teacher_freezes_the_model_and_its_digest_names_its_weights(tiny_model, tmp_path):
+    model, cfg, ckpt = load_teacher(str(tiny_model.checkpoint))
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert cfg.max_seq_len == model.max_seq_len and "model" in ckpt
+    again = load_teacher(str(tiny_model.checkpoint))[0]
+    assert model_digest(again) == model_digest(model)
+    with torch.no_grad():
+        next(again.parameters()).view(-1)[0] += 1
+    assert model_digest(again) != model_digest(model)
+    with pytest.raises(ConfigError, match="teacher_ckpt is not set"):
+        load_teacher(None)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_teacher(str(tmp_path / "missing.pth"))
 
 
 def test_model_level_losses_vanish_for_a_copy_of_the_teacher_and_grow_otherwise(teacher, real_batch):

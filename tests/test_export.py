@@ -1,6 +1,8 @@
 """ONNX export: the graphs, onnxruntime decoding equal to PyTorch's greedy decoding, the CLI."""
+import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -10,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from pix2tex.export import OnnxModel, export_encoder, encoder_graph
+from pix2tex.export import export_decoder_step, export_encoder, encoder_graph
+from pix2tex.onnx_model import OnnxModel
 from pix2tex.predict import LatexOCR, main as predict_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,6 +78,47 @@ def test_greedy_ids_equal_pytorch_on_rendered_formulas(torch_ocr, onnx_ocr, form
     # (Unseen validation images may decode short: the median row, not every row, is long.)
     assert len(set(lengths)) >= 3 and sorted(lengths)[len(lengths) // 2] >= 5 and len(texts) >= 3
     assert max(len(g) for g in groups.values()) >= 2  # some batches hold several images
+
+
+def test_pad_and_bos_are_never_output_even_where_they_score_highest(torch_ocr, exported, formulas,
+                                                                    tmp_path):
+    """A copy of the model whose logits put PAD and BOS far ahead at every step: both backends
+    mask them alike, so they decode the unbiased model's ids, token for token."""
+    from pix2tex.dataset.transforms import MEAN, STD
+
+    model = copy.deepcopy(torch_ocr.model)
+    head = model.decoder.net.to_logits  # no bias of its own: give it one
+    biased = torch.nn.Linear(head.in_features, head.out_features)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[[model.pad, model.bos]] = 1e4
+    model.decoder.net.to_logits = biased
+    folder = tmp_path / "biased"
+    shutil.copytree(exported[0], folder)  # the encoder is unchanged: export the step only
+    export_decoder_step(model, torch_ocr.cfg, str(folder / "decoder_step.onnx"))
+    onnx = OnnxModel(folder, threads=1)
+
+    groups = defaultdict(list)
+    for path in formulas:
+        page = torch_ocr.preprocess(path)
+        groups[page.shape].append(page)
+    pages = max(groups.values(), key=len)
+    x = ((np.stack(pages).astype(np.float32) / 255 - MEAN) / STD)[:, None]
+    # the exported graph carries the bias: unmasked, its first step would output PAD or BOS
+    cross_k, cross_v = onnx.encoder.run(None, {"images": x})
+    c = onnx.meta["cache"]
+    empty = np.zeros((c["layers"], len(pages), c["heads"], 0, c["head_dim"]), np.float32)
+    logits = onnx.step.run(None, {"tokens": np.full(len(pages), model.bos, np.int64),
+                                  "cross_k": cross_k, "cross_v": cross_v, "self_k": empty,
+                                  "self_v": empty})[0]
+    assert set(logits.argmax(-1).tolist()) <= {model.pad, model.bos}
+    with torch.no_grad():
+        want = torch_ocr.model.generate(torch.from_numpy(x), precision="fp32").numpy()
+        biased_torch = model.generate(torch.from_numpy(x), precision="fp32").numpy()
+    np.testing.assert_array_equal(biased_torch, want)
+    np.testing.assert_array_equal(onnx.generate(x), want)
+    assert (want != model.pad).sum(1).min() >= 1 and model.bos not in want
 
 
 def test_same_latex_through_the_api_and_the_cli(torch_ocr, onnx_ocr, formulas, exported, capsys):

@@ -63,6 +63,25 @@ def test_greedy_is_the_models_greedy_decoding(ocr, images):
     assert ocr(images[1]) == ocr.tokenizer.decode(ids[0].tolist())
 
 
+def test_token_limit_cuts_and_says_so_and_a_decode_can_be_stopped(ocr, images):
+    from pix2tex.cancel import DecodeCancelled
+    from pix2tex.dataset.transforms import MEAN, STD
+
+    pages = [ocr.preprocess(p) for p in images[:3]] + [None]
+    texts, complete = ocr.recognize(pages, return_complete=True)
+    assert texts == ocr.batch(images[:3]) + [""] and complete == [True] * 4
+    cut, complete = ocr.recognize(pages, max_len=2, return_complete=True)
+    for page, text, done in zip(pages[:3], cut, complete):
+        x = torch.from_numpy((page.astype(np.float32) / 255 - MEAN) / STD)[None, None]
+        with torch.inference_mode():
+            ids = ocr.model.generate(x)[0].tolist()
+        # greedy: the first 2 tokens of the whole formula, complete only if EOS is among them
+        assert text == ocr.tokenizer.decode(ids[:2]) and done == (ocr.cfg.eos_token in ids[:2])
+    assert complete[3] and not any(complete[:3])  # the memorized formulas are longer than 2 tokens
+    with pytest.raises(DecodeCancelled):
+        ocr.recognize(pages, should_stop=lambda: True)
+
+
 def test_batch_equals_single_calls(ocr, images):
     single = [ocr(p) for p in images]
     assert ocr.batch(images) == single

@@ -57,3 +57,64 @@ def test_release_needs_a_training_checkpoint(tiny_model, tmp_path):
     torch.save(torch.load(tiny_model.checkpoint, weights_only=True)["model"], bare)
     with pytest.raises(CheckpointError, match="no config"):
         make_release(str(bare), str(tmp_path / "out"))
+
+
+# --- the ONNX half of a release: what an install without torch reads with -------------------------
+
+def test_release_writes_onnx_graphs_in_bf16_that_decode_like_torch(release, tiny_model):
+    import onnx
+
+    info, _ = release
+    folder = Path(info["onnx"]["folder"])
+    assert {p.name for p in folder.iterdir()} == {"encoder.onnx", "decoder_step.onnx",
+                                                   "tokenizer.json", "pix2tex_onnx.json"}
+    for graph in ("encoder.onnx", "decoder_step.onnx"):
+        kinds = {i.data_type for i in onnx.load(folder / graph).graph.initializer}
+        assert onnx.TensorProto.BFLOAT16 in kinds, graph  # the release's weights, stored as bf16
+    onnx_ocr = LatexOCR(folder, threads=1)
+    torch_ocr = LatexOCR(info["model"], device="cpu", threads=1, precision="fp32")
+    assert (onnx_ocr.backend, torch_ocr.backend) == ("onnx", "torch")  # auto: the checkpoint's kind
+    images = list(tiny_model.images)
+    assert onnx_ocr.batch(images) == torch_ocr.batch(images)
+
+
+def test_auto_backend_without_a_checkpoint(release, tiny_model, monkeypatch):
+    import pix2tex.predict as predict
+
+    info, _ = release
+    monkeypatch.delenv("PIX2TEX_CHECKPOINT", raising=False)
+    monkeypatch.setattr(predict, "RELEASED_ONNX", Path(info["onnx"]["folder"]))
+    monkeypatch.setattr(predict, "DEFAULT_CHECKPOINT", Path(info["model"]))
+    ocr = LatexOCR(threads=1)
+    assert ocr.backend == "onnx"  # greedy: the released graphs
+    assert LatexOCR(threads=1, beam_width=3).backend == "torch"  # beam search: the torch weights
+    with pytest.raises(ValueError, match="decodes greedily only"):
+        ocr(tiny_model.images[0], beam_width=3)
+
+
+NO_TORCH = "import sys; sys.modules['torch'] = None  # any import of torch now fails\n"
+
+
+def test_reading_works_without_torch_and_training_says_which_extra(release, tiny_model):
+    info, _ = release
+    image = tiny_model.images[0]
+    code = NO_TORCH + f"""
+import pix2tex
+from pix2tex import LatexOCR
+from pix2tex.predict import main
+ocr = LatexOCR({info['onnx']['folder']!r}, threads=1)
+print(ocr({str(image)!r}))
+main(["--checkpoint", {info['onnx']['folder']!r}, {str(image)!r}])
+for what in ("import pix2tex.train", "LatexOCR({info['model']!r})"):
+    try:
+        exec(what)
+    except ModuleNotFoundError as e:
+        print("ERROR", e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    expected = LatexOCR(info["model"], device="cpu", threads=1, precision="fp32")(image)
+    assert lines[:2] == [expected, expected]  # the API and the CLI
+    assert len(lines) == 4 and all("pip install 'pix2tex[train]'" in l for l in lines[2:]), lines

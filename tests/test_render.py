@@ -137,6 +137,14 @@ def test_infinite_loop_times_out(tmp_path):
     assert time.perf_counter() - t0 < 30
 
 
+def test_a_formula_that_grows_memory_without_bound_is_rejected(tmp_path):
+    # every expansion appends an atom: TeX's main memory fills, latex stops with "capacity
+    # exceeded" under its memory limit, and the formulas beside it still render
+    res = render_formulas([GOOD[0], r"\def\x{x\x}\x", GOOD[1]], tmp_path, timeout=20, **ONE_STYLE)
+    assert set(res.rendered) == {0, 2}
+    assert set(res.rejected) == {1} and "capacity exceeded" in res.rejected[1].lower(), res.rejected
+
+
 def test_resume_skips_existing_images(tmp_path):
     first = render_formulas(GOOD, tmp_path, **ONE_STYLE)
     kept = first.rendered[1]

@@ -122,6 +122,28 @@ def images(tiny_model):
     return list(tiny_model.images[:4])
 
 
+@pytest.fixture(scope="module")
+def endless(tiny_model, tmp_path_factory):
+    """A real model of the tiny model's architecture, untrained, with room for 4096 tokens and an
+    EOS logit fixed at 0 (below the best of the ~300 others): every image decodes to the full
+    length, which takes seconds. The service's runaway decode."""
+    from pix2tex.checkpoint import load_checkpoint, save_checkpoint
+    from pix2tex.config import load_config
+    from pix2tex.models import get_model
+    from pix2tex.predict import known_keys
+
+    ckpt = load_checkpoint(tiny_model.checkpoint)
+    config = dict(ckpt["config"], max_seq_len=4096)
+    torch.manual_seed(0)
+    model = get_model(load_config(None, base=known_keys(config)))
+    with torch.no_grad():
+        model.decoder.net.to_logits.weight[model.eos] = 0.0
+    path = tmp_path_factory.mktemp("endless") / "endless.pth"
+    save_checkpoint({"model": model.state_dict(), "config": config, "tokenizer": ckpt["tokenizer"],
+                     "tokenizer_sha256": ckpt["tokenizer_sha256"]}, path)
+    return LatexOCR(checkpoint=path, device="cpu", threads=1)
+
+
 def assert_healthy(server, ocr, image):
     status, body, _ = request(server.port, "GET", "/health")
     assert status == 200 and body["status"] == "ok"
@@ -243,15 +265,57 @@ def test_request_timeout(ocr, images):
         s.close()
 
 
+def test_a_decode_past_the_timeout_is_stopped_and_the_service_goes_on(endless, images):
+    """A runaway decode answers 504 at the timeout, and the inference thread leaves it there
+    (health counts the stopped batch) instead of decoding on for the whole length: well before
+    half the time of a full decode, and again for the next request, which it took at once."""
+    page = endless.preprocess(images[0])
+    t0 = time.perf_counter()
+    _, complete = endless.recognize([page], return_complete=True)
+    full = time.perf_counter() - t0
+    assert complete == [False]  # it ran to max_len without EOS
+    limits = Limits(timeout=full / 10)
+    s = Server(create_app(endless, limits))
+    try:
+        for n in (1, 2):
+            t0 = time.perf_counter()
+            got, body, _ = post_image(s.port, images[0].read_bytes())
+            assert got == 504 and f"no result within the {limits.timeout:g} s limit" in body["detail"]
+            while request(s.port, "GET", "/health")[1]["cancelled"] < n:
+                assert time.perf_counter() - t0 < full / 2, f"request {n}: the decode went on"
+                time.sleep(0.01)
+    finally:
+        s.close()
+
+
+def test_token_limit(ocr, endless, images):
+    """A formula without its end within max_tokens is refused with 422 (not returned cut); the
+    limit bounds the decode, so the endless model answers within the default timeout."""
+    cases = [(endless, 5, 422), (ocr, 2, 422), (ocr, 64, 200)]  # the tiny model's formulas: ~12 tokens
+    for model, max_tokens, status in cases:
+        s = Server(create_app(model, Limits(max_tokens=max_tokens)))
+        try:
+            got, body, _ = post_image(s.port, images[0].read_bytes())
+            assert got == status, body
+            if status == 422:
+                assert f"did not end within the limit of {max_tokens} tokens" in body["detail"]
+            else:
+                assert body["latex"] == ocr(images[0])
+            assert request(s.port, "GET", "/health")[1]["limits"]["max_tokens"] == max_tokens
+        finally:
+            s.close()
+
+
 def test_bounded_queue(ocr, images):
     """A full queue refuses at once (503) instead of piling up; results still reach their callers."""
     q = InferenceQueue(ocr, Limits(queue_size=2, max_batch=8))
     page = ocr.preprocess(images[0])
 
     async def scenario():
-        futs = [q.submit(page), q.submit(page)]  # the worker is not started: nothing drains
+        deadline = time.monotonic() + 60
+        futs = [q.submit(page, deadline), q.submit(page, deadline)]  # no worker yet: nothing drains
         with pytest.raises(QueueFull, match="busy"):
-            q.submit(page)
+            q.submit(page, deadline)
         q.start()
         texts = await asyncio.wait_for(asyncio.gather(*futs), 60)
         q.stop()
@@ -301,9 +365,21 @@ def wait_for_state(driver, states=("done", "error"), timeout=60):
     return driver.execute_script("return document.body.dataset.state")
 
 
-def open_page(driver, server):
+def open_page(driver, server, timeout=30):
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
     driver.get(server.url + "/")
-    assert driver.execute_script("return typeof katex") == "object"  # served from /static
+    # KaTeX is a deferred script served from /static; a loaded CI machine can still be running it
+    # when `get` returns, so wait for it, and say what the page had loaded when it never comes.
+    try:
+        WebDriverWait(driver, timeout).until(
+            lambda d: d.execute_script("return typeof katex") == "object")
+    except TimeoutException:
+        state = driver.execute_script(
+            "return [document.readyState, performance.getEntriesByType('resource')"
+            ".map(e => e.name + ' ' + e.responseStatus)]")
+        pytest.fail(f"KaTeX not loaded from /static after {timeout} s: readyState, resources = {state}")
 
 
 def test_page_upload_shows_latex_copy_and_rendering(browser, server, ocr, images):

@@ -150,6 +150,9 @@ def test_resume_after_stop_is_bit_identical(resume_runs):
     assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (6, (6 - 1) // n, (6 - 1) % n + 1)
     assert "resuming from" in resume_runs["outputs"]["stopped_resumed"]
     assert_same_state(runs / "straight" / "last.pth", runs / "stopped" / "last.pth")
+    # the run keeps its id (wandb's run id) across the resume; another run has its own
+    resumed, straight = (load_checkpoint(runs / n / "last.pth") for n in ("stopped", "straight"))
+    assert resumed["run_id"] == ckpt["run_id"] != straight["run_id"]
 
 
 def test_sigterm_saves_then_resume_is_bit_identical(resume_runs):
@@ -475,6 +478,21 @@ def test_a_fine_tuning_run_resumes_itself(tiny_data, tmp_path):
     # the same fine-tuning config with --resume continues its own run, not the weights
     result = train(load_config(config, [*tune, "max_steps=3"]), resume=True)
     assert result["step"] == 3
+
+
+def test_resume_on_another_validation_set_starts_its_best_afresh(tiny_data, tmp_path):
+    config = write_config(tmp_path, tiny_data, {**TINY, "sample_freq": 2})
+    assert train(load_config(config, ["name=v", "max_steps=2"]))["best_step"] == 2
+    lines = []
+    # same validation set: the stored best carries over
+    same = train(load_config(config, ["name=v", "max_steps=4"]), resume=True, echo=lines.append)
+    assert not any("afresh" in line for line in lines) and same["best"] is not None
+    # another one (here the train pkl): its first validation is the new best, whatever its value
+    other = train(load_config(config, ["name=v", "max_steps=6", f"valdata={tiny_data.train_pkl}"]),
+                  resume=True, echo=lines.append)
+    assert any("starts afresh" in line for line in lines)
+    assert other["best_step"] > 4  # the first validation after the switch (5: the epoch's end)
+    assert load_checkpoint(tmp_path / "runs" / "v" / "best.pth")["step"] == other["best_step"]
 
 
 def test_batch_source_resumes_shards_and_loads_in_workers(tiny_data):

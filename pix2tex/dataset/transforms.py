@@ -11,6 +11,10 @@ apply/skip draws equal.)
 """
 from __future__ import annotations
 
+from pix2tex.extras import require
+
+require("train", __name__)  # first: without the train extra, say what to install
+
 import random
 
 import albumentations as A
@@ -18,8 +22,7 @@ import cv2
 import numpy as np
 from albumentations.pytorch import ToTensorV2
 
-MEAN = 0.7931  # LaTeX-OCR's grayscale statistics of rendered formulas, on a 0..1 scale
-STD = 0.1738
+from pix2tex.preprocess import MEAN, STD  # the model's input normalization (torch-free)
 WHITE = 255
 
 

@@ -35,38 +35,14 @@ from pix2tex.checkpoint import (CheckpointError, check_compatible, load_checkpoi
                                 save_checkpoint)
 from pix2tex.config import ConfigError, load_config, to_dict
 from pix2tex.distill.losses import EmbeddingLoss, hard_loss, match_grid, soft_loss, target_loss
+from pix2tex.distill.pseudo_labels import check_pseudo_labels
+from pix2tex.distill.teacher import load_teacher, model_digest
 from pix2tex.fileio import atomic_write_text
 
 WEIGHTS = ("r_target", "r_soft", "r_hard", "r_embedding")
 
 
-# --- teacher ---------------------------------------------------------------------------------
-
-def load_teacher(ckpt_path: str | None, config_path: str | None = None, device="cpu"):
-    """The frozen teacher: (model in eval mode without gradients, its config, its checkpoint dict).
-    Its config is `config_path`, else the one stored in the checkpoint."""
-    if not ckpt_path:
-        raise ConfigError("distill.teacher_ckpt is not set: give the teacher's checkpoint "
-                          "(e.g. distill.teacher_ckpt=checkpoints/distill-teacher/best.pth)")
-    from pix2tex.models import get_model
-    if not os.path.isfile(ckpt_path):
-        raise CheckpointError(f"teacher checkpoint not found: {ckpt_path} (distill.teacher_ckpt); "
-                              f"train the teacher first, e.g. `python train.py --config "
-                              f"settings/distill/teacher.yaml`")
-    ckpt = load_checkpoint(ckpt_path)
-    if config_path:
-        tcfg = load_config(config_path)
-    elif isinstance(ckpt.get("config"), dict):
-        tcfg = load_config(None, base=ckpt["config"])
-    else:
-        raise ConfigError(f"{ckpt_path} holds no config (a bare weights file): set "
-                          f"distill.teacher_config to the config it was trained with")
-    check_compatible(ckpt, to_dict(tcfg), None, ckpt_path)
-    teacher = get_model(tcfg)
-    load_model_weights(teacher, ckpt, ckpt_path)
-    teacher.to(device).eval().requires_grad_(False)
-    return teacher, tcfg, ckpt
-
+# --- does the teacher fit the student --------------------------------------------------------
 
 def check_pair(cfg, tcfg, teacher_ckpt: dict, tokenizer_sha: str | None) -> None:
     """Refuse a teacher whose token ids or image limits do not fit the student's config."""
@@ -208,34 +184,12 @@ def export_student(run_dir: str, teacher_ckpt: str | None = None) -> str:
     return out
 
 
-def check_pseudo_labels(path: str, teacher_digest: str, precision: str = "fp32") -> None:
-    """Refuse pseudo labels that another teacher made, or that it decoded in another precision
-    (their sidecar .json records both; labels from before the record were decoded in 'auto')."""
-    from pix2tex.distill.pseudo_labels import sidecar_path
-    meta_path = sidecar_path(path)
-    if not os.path.isfile(meta_path):
-        raise ConfigError(f"{path} has no {meta_path} beside it, so which teacher made it is "
-                          f"unknown; remake it with `python -m pix2tex.distill.pseudo_labels`")
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("teacher") != teacher_digest:
-        raise ConfigError(f"{path} holds the beam outputs of another teacher (weights differ from "
-                          f"distill.teacher_ckpt); delete it and remake it with "
-                          f"`python -m pix2tex.distill.pseudo_labels`")
-    made_in = meta.get("precision", "auto")
-    if made_in != precision:
-        raise ConfigError(f"{path} was decoded by the teacher in {made_in}, but eval_precision is "
-                          f"{precision}: remake it (delete it and run `python -m "
-                          f"pix2tex.distill.pseudo_labels`) or set eval_precision={made_in}")
-
-
 def distill(cfg, resume: bool = False, echo=None, train_data=None, val_data=None) -> dict:
     """Train the student of `cfg` against its teacher with `pix2tex.train.train`; export the
     student. Returns train()'s summary plus `student_checkpoint` and `teacher` (the frozen model)."""
     import copy
 
     from pix2tex.dataset.dataset import Im2LatexDataset
-    from pix2tex.distill.pseudo_labels import model_digest
     from pix2tex.models import get_model
     from pix2tex.fileio import file_sha256 as _sha
     from pix2tex.train import run_folder, seed_everything, train

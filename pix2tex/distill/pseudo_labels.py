@@ -30,17 +30,9 @@ import sys
 import numpy as np
 import torch
 
+from pix2tex.config import ConfigError
+from pix2tex.distill.teacher import model_digest
 from pix2tex.fileio import atomic_write_text
-
-
-def model_digest(model: torch.nn.Module) -> str:
-    """sha256 of a model's weights (names, shapes and bytes): which teacher made a label set."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def dataset_digest(data) -> str:
@@ -114,8 +106,6 @@ def make_pseudo_labels(teacher, data, out: str, *, beam_width: int = 5, batchsiz
     longer is a loop, not a formula, and would hold its whole batch for hundreds of steps.
     `precision` is what the teacher decodes in (fp32 by default: the same labels on every CPU); it
     is recorded beside the teacher's digest, and distill refuses labels of another precision."""
-    from pix2tex.dataset.dataset import Im2LatexDataset
-
     if beam_width < 1:
         raise ValueError(f"beam_width={beam_width} must be >= 1")
     teacher.to(device).eval()
@@ -136,38 +126,59 @@ def make_pseudo_labels(teacher, data, out: str, *, beam_width: int = 5, batchsiz
         done = _read_partial(partial, header, plan)
         if not done:
             atomic_write_text(partial, json.dumps({"header": header}) + "\n")
-        todo = [b for b in range(len(plan)) if b not in done]
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(plan), initial=len(done), desc="pseudo labels", unit="batch",
-                       dynamic_ncols=True)
+        generate = {"max_len": max_len, "beam_width": beam_width, "length_penalty": length_penalty,
+                    "precision": precision}
+        if not _decode_batches(teacher, data, plan, done, partial, device, generate, progress,
+                               max_new_batches):
+            return None
+        labels = {i: lab for b, batch in enumerate(plan) for i, lab in zip(batch, done[b])}
+    finally:
+        data.update(**settings)
+    meta = _write_labels(data, labels, out, header, settings)
+    os.unlink(partial)
+    return meta
+
+
+def _decode_batches(teacher, data, plan: list, done: dict, partial: str, device, generate: dict,
+                    progress: bool, max_new_batches: int | None) -> bool:
+    """Decode the batches of `plan` that `done` lacks into it, each appended to the `partial` file
+    as it finishes (flushed and synced: a kill loses at most the batch in flight). False when
+    `max_new_batches` stopped the run before the end."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(plan), initial=len(done), desc="pseudo labels", unit="batch",
+                   dynamic_ncols=True)
+    todo = [b for b in range(len(plan)) if b not in done]
+    try:
         with open(partial, "a", encoding="utf-8") as f:
             for count, b in enumerate(todo):
                 if max_new_batches is not None and count >= max_new_batches:
-                    if bar is not None:
-                        bar.close()
-                    return None
+                    return False
                 images, _ = data.load_batch(plan[b], 0, b)
-                ids = teacher.generate(images.to(device), max_len=max_len, beam_width=beam_width,
-                                       length_penalty=length_penalty, precision=precision)
+                ids = teacher.generate(images.to(device), **generate)
                 done[b] = labels_of(ids.cpu(), teacher.eos)
                 f.write(json.dumps({"batch": b, "indices": list(plan[b]), "labels": done[b]}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
                 if bar is not None:
                     bar.update(1)
+    finally:
         if bar is not None:
             bar.close()
-        labels = {i: lab for b, batch in enumerate(plan) for i, lab in zip(batch, done[b])}
-    finally:
-        data.update(**settings)
+    return True
+
+
+def _write_labels(data, labels: dict, out: str, header: dict, settings: dict) -> dict:
+    """Write `out` (pkl), its .lst and .json from `labels` (sample index -> the teacher's label ids,
+    None without EOS); samples without a label are left out. Returns the .json's content."""
+    from pix2tex.dataset.dataset import Im2LatexDataset
 
     keep = [i for i in sorted(labels) if labels[i]]
     if not keep:
         raise ValueError(f"the teacher finished none of the {len(labels)} formulas it decoded "
-                         f"(no EOS within {max_len} tokens, or empty): is it trained? ({partial} "
-                         f"keeps its outputs)")
+                         f"(no EOS within {header['max_len']} tokens, or empty): is it trained? "
+                         f"({out}.partial keeps its outputs)")
     ids = [np.asarray(labels[i], dtype=np.int32) for i in keep]
     formulas = data.tokenizer.decode_batch([labels[i] for i in keep])
     new = Im2LatexDataset.from_samples(data.root, [data.paths[i] for i in keep], formulas,
@@ -182,8 +193,27 @@ def make_pseudo_labels(teacher, data, out: str, *, beam_width: int = 5, batchsiz
             "empty": sum(1 for v in labels.values() if v == []),
             "differ_from_ground_truth": changed, "pkl": out, "list": list_path(out)}
     atomic_write_text(sidecar_path(out), json.dumps(meta, indent=2) + "\n")
-    os.unlink(partial)
     return meta
+
+
+def check_pseudo_labels(path: str, teacher_digest: str, precision: str = "fp32") -> None:
+    """Refuse pseudo labels that another teacher made, or that it decoded in another precision
+    (their sidecar .json records both; labels from before the record were decoded in 'auto')."""
+    meta_path = sidecar_path(path)
+    if not os.path.isfile(meta_path):
+        raise ConfigError(f"{path} has no {meta_path} beside it, so which teacher made it is "
+                          f"unknown; remake it with `python -m pix2tex.distill.pseudo_labels`")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("teacher") != teacher_digest:
+        raise ConfigError(f"{path} holds the beam outputs of another teacher (weights differ from "
+                          f"distill.teacher_ckpt); delete it and remake it with "
+                          f"`python -m pix2tex.distill.pseudo_labels`")
+    made_in = meta.get("precision", "auto")
+    if made_in != precision:
+        raise ConfigError(f"{path} was decoded by the teacher in {made_in}, but eval_precision is "
+                          f"{precision}: remake it (delete it and run `python -m "
+                          f"pix2tex.distill.pseudo_labels`) or set eval_precision={made_in}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -211,10 +241,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     from pix2tex.checkpoint import CheckpointError
-    from pix2tex.config import ConfigError, load_config
+    from pix2tex.config import load_config
     from pix2tex.dataset.dataset import DatasetError, Im2LatexDataset
     from pix2tex.dataset.tokenizer import TokenizerError
-    from pix2tex.distill.main import load_teacher
+    from pix2tex.distill.teacher import load_teacher
     from pix2tex.models import resolve_device
 
     try:

@@ -3,10 +3,17 @@
 A state (decoder.LeanState or decoder.XTransformersState) has `step(tokens [B]) -> logits [B, V]`
 and `select(rows)`. Both decoders return token ids [B, L] without BOS: each row ends with its EOS
 and is padded with PAD after it (a row that reached max_len has no EOS); L is the longest row.
+Both ask `should_stop()` (if given) before each step and raise pix2tex.cancel.DecodeCancelled when
+it says True.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+
+from pix2tex.cancel import stop_if_asked
+from pix2tex.special_tokens import mask_pad_bos
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -33,8 +40,8 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 
 def sample(state, batch: int, max_len: int, bos: int, eos: int, pad: int, temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, min_len: int = 0, device=None,
-           generator: torch.Generator | None = None,
-           first: torch.Tensor | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, first: torch.Tensor | None = None,
+           should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """Greedy (temperature 0) or sampled decoding from BOS (or from the tokens `first` [B], the
     last of a longer start). A row leaves the batch at its EOS, so the remaining rows decode
     with less work."""
@@ -42,11 +49,10 @@ def sample(state, batch: int, max_len: int, bos: int, eos: int, pad: int, temper
     rows = torch.arange(batch, device=device)  # original row of each active row
     tokens = torch.full((batch,), bos, dtype=torch.long, device=device) if first is None \
         else first.to(device=device, dtype=torch.long)
-    never = [t for t in (pad, bos) if t != eos]  # never valid outputs (unless asked to end on one)
     length = 0
     for t in range(max_len):
-        logits = state.step(tokens)
-        logits[:, never] = float("-inf")
+        stop_if_asked(should_stop)
+        logits = mask_pad_bos(state.step(tokens), bos, eos, pad)  # as the ONNX loop does
         if t < min_len:
             logits[:, eos] = float("-inf")
         tokens = next_tokens(logits, temperature, top_k, top_p, generator)
@@ -63,7 +69,8 @@ def sample(state, batch: int, max_len: int, bos: int, eos: int, pad: int, temper
 
 
 def beam_search(state, batch: int, beam_width: int, max_len: int, bos: int, eos: int, pad: int,
-                length_penalty: float = 1.0, min_len: int = 0, device=None) -> torch.Tensor:
+                length_penalty: float = 1.0, min_len: int = 0, device=None,
+                should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """Batched beam search; `state` holds batch*beam_width rows (image-major).
 
     A hypothesis is scored by sum(log p) / length**length_penalty (length counts EOS). Each step
@@ -83,8 +90,8 @@ def beam_search(state, batch: int, beam_width: int, max_len: int, bos: int, eos:
     tokens = torch.full((batch * k,), bos, dtype=torch.long, device=device)
     offsets = (torch.arange(batch, device=device) * k)[:, None]
     for t in range(max_len):
-        logits = state.step(tokens)
-        logits[:, [pad, bos]] = neg_inf  # never valid outputs
+        stop_if_asked(should_stop)
+        logits = mask_pad_bos(state.step(tokens), bos, eos, pad)
         logp = logits.log_softmax(dim=-1)  # [B*k, V]
         if t < min_len:
             logp[:, eos] = neg_inf

@@ -13,6 +13,7 @@ The training forward is always the plain modules.
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -186,15 +187,16 @@ class Model(nn.Module):
     def generate(self, images: torch.Tensor | None = None, max_len: int | None = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, beam_width: int = 1,
                  length_penalty: float = 1.0, memory: torch.Tensor | None = None, min_len: int = 0,
-                 precision: str | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 precision: str | None = None, generator: torch.Generator | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
         """Token ids [B, L] without BOS; each row ends at its EOS, PAD after it.
 
         temperature 0: greedy; >0: sampling (with top_k / top_p filtering). beam_width > 1: beam
         search (deterministic; score = sum log p / length**length_penalty). min_len forbids EOS
         before that many tokens (min_len = max_len forces exactly max_len tokens, for benchmarks).
         precision: fp32 | bf16 | int8 (CPU: dynamic int8 decoder linears) | auto (default: the
-        model's inference_precision).
+        model's inference_precision). should_stop: asked before each decoding step; True stops the
+        decode with pix2tex.cancel.DecodeCancelled (a caller's time limit).
         """
         max_len = min(max_len or self.max_seq_len - 1, self.max_seq_len)
         was_training = self.training
@@ -210,10 +212,11 @@ class Model(nn.Module):
                                        precision=precision, cache_dtype=encoder_dtype(precision))
             if beam_width > 1:
                 return beam_search(state, B, beam_width, max_len, self.bos, self.eos, self.pad,
-                                   length_penalty=length_penalty, min_len=min_len, device=device)
+                                   length_penalty=length_penalty, min_len=min_len, device=device,
+                                   should_stop=should_stop)
             return sample(state, B, max_len, self.bos, self.eos, self.pad, temperature=temperature,
                           top_k=top_k, top_p=top_p, min_len=min_len, device=device,
-                          generator=generator)
+                          generator=generator, should_stop=should_stop)
         finally:
             self.train(was_training)
 

@@ -1,0 +1,89 @@
+"""Run an ONNX export (a folder written by `python -m pix2tex.export`) with onnxruntime, without torch.
+
+    model = OnnxModel("export/pix2tex")
+    ids = model.generate(images)     # images float32 [B, 1, H, W], normalized -> ids [B, L]
+
+`greedy` is `models/generate.sample` at temperature 0 over the exported decoder step: the same
+loop (a row leaves the batch at its EOS) and the same PAD/BOS mask (pix2tex.special_tokens), so
+the ids equal PyTorch's float32 greedy decoding. The folder's layout is described in
+pix2tex/export.py, which writes it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+import numpy as np
+
+from pix2tex.cancel import stop_if_asked
+from pix2tex.special_tokens import mask_pad_bos
+
+META = "pix2tex_onnx.json"
+
+
+def greedy(step, cross_k: np.ndarray, cross_v: np.ndarray, cache: dict, max_len: int, bos: int,
+           eos: int, pad: int, should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+    """Greedy decoding from BOS -> ids [B, L] without BOS, each row ending at its EOS, then PAD.
+
+    `step(feeds) -> (logits [B, V], self_k_out, self_v_out)` runs decoder_step.onnx on feeds named
+    as its inputs; `cross_k`, `cross_v` are the encoder graph's outputs; `cache` the geometry
+    {layers, heads, head_dim} of the self-attention cache, which starts empty. `should_stop` is
+    asked before each step: True raises pix2tex.cancel.DecodeCancelled."""
+    B = cross_k.shape[1]
+    self_k = np.zeros((cache["layers"], B, cache["heads"], 0, cache["head_dim"]), np.float32)
+    self_v = self_k
+    out = np.full((B, max_len), pad, np.int64)
+    rows = np.arange(B)  # original row of each active row
+    tokens = np.full(B, bos, np.int64)
+    length = 0
+    for t in range(max_len):
+        stop_if_asked(should_stop)
+        logits, self_k, self_v = step({"tokens": tokens, "cross_k": cross_k, "cross_v": cross_v,
+                                       "self_k": self_k, "self_v": self_v})
+        tokens = mask_pad_bos(logits, bos, eos, pad).argmax(-1).astype(np.int64)
+        out[rows, t] = tokens
+        length = t + 1
+        done = tokens == eos
+        if done.any():
+            keep = np.flatnonzero(~done)
+            if keep.size == 0:
+                break
+            rows, tokens = rows[keep], tokens[keep]
+            cross_k, cross_v = cross_k[:, keep], cross_v[:, keep]
+            self_k, self_v = self_k[:, keep], self_v[:, keep]
+    return out[:, :length]
+
+
+class OnnxModel:
+    """The exported graphs behind `generate(images) -> ids`, like `Model.generate` (greedy)."""
+
+    def __init__(self, folder: str | os.PathLike, threads: int | None = None):
+        import onnxruntime as ort
+
+        folder = os.fspath(folder)
+        meta_path = os.path.join(folder, META)
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"{folder} is not an ONNX export (no {META}); write one with "
+                                    f"`python -m pix2tex.export --onnx --checkpoint CKPT --out {folder}`")
+        with open(meta_path, encoding="utf-8") as f:
+            self.meta = json.load(f)
+        self.config = self.meta["config"]
+        self.tokenizer_sha256 = self.meta.get("tokenizer_sha256")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        self.encoder = ort.InferenceSession(os.path.join(folder, "encoder.onnx"), opts, providers=providers)
+        self.step = ort.InferenceSession(os.path.join(folder, "decoder_step.onnx"), opts, providers=providers)
+
+    def generate(self, images: np.ndarray, max_len: int | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+        """images float32 [B, 1, H, W] (normalized) -> ids [B, L] without BOS, EOS then PAD.
+        should_stop: as in `greedy`."""
+        m = self.meta
+        max_len = min(max_len or m["max_seq_len"] - 1, m["max_seq_len"])
+        cross_k, cross_v = self.encoder.run(None, {"images": np.ascontiguousarray(images, np.float32)})
+        return greedy(lambda feeds: self.step.run(None, feeds), cross_k, cross_v, m["cache"],
+                      max_len, m["bos"], m["eos"], m["pad"], should_stop=should_stop)
