@@ -138,7 +138,7 @@ def main() -> None:
     try:
         image = a.image or render_formula(os.path.join(work, "image"))
         core = install_core(work)
-        venv = core.pop("venv")
+        venv, pip = core.pop("venv"), core.pop("pip")
         core.pop("src")
         py = os.path.join(venv, "bin", "python")
         torch_importable = subprocess.run([py, "-c", "import torch"], capture_output=True).returncode == 0
@@ -151,14 +151,11 @@ def main() -> None:
                   "cli_onnx_core_venv": onnx, "api_core_venv": api, "cli_torch_research_venv": torch_path,
                   "research_venv_mb": round(folder_mb(os.path.join(REPO, ".venv")), 1)}
         if not a.no_serve:
-            pip = core.pop("pip")
             t0 = time.perf_counter()
             run([*pip, "fastapi", "uvicorn", "python-multipart"])  # the serve extra's packages
             report["serve"] = {"latex": serve_once(venv, image, env),
                                "install_s": round(time.perf_counter() - t0, 1),
                                "venv_mb": round(folder_mb(venv), 1)}
-        else:
-            core.pop("pip")
         texts = [onnx["latex"], api] + ([report["serve"]["latex"]] if "serve" in report else [])
         report["same_latex_everywhere"] = len(set(texts)) == 1 and texts[0] != ""
         report["same_as_torch_default_precision"] = onnx["latex"] == torch_path["latex"]
