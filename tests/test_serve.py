@@ -124,7 +124,7 @@ def images(tiny_model):
 
 @pytest.fixture(scope="module")
 def endless(tiny_model, tmp_path_factory):
-    """A real model of the tiny model's architecture, untrained, with room for 4096 tokens and an
+    """A real model of the tiny model's architecture, untrained, with room for 2048 tokens and an
     EOS logit fixed at 0 (below the best of the ~300 others): every image decodes to the full
     length, which takes seconds. The service's runaway decode."""
     from pix2tex.checkpoint import load_checkpoint, save_checkpoint
@@ -133,7 +133,7 @@ def endless(tiny_model, tmp_path_factory):
     from pix2tex.predict import known_keys
 
     ckpt = load_checkpoint(tiny_model.checkpoint)
-    config = dict(ckpt["config"], max_seq_len=4096)
+    config = dict(ckpt["config"], max_seq_len=2048)
     torch.manual_seed(0)
     model = get_model(load_config(None, base=known_keys(config)))
     with torch.no_grad():
