@@ -61,6 +61,9 @@ MathJax.startup.promise.then(() => {
   const node = MathJax.tex2svg(tex, {display: true});
   const err = node.querySelector("[data-mjx-error]");
   if (err) { done("MathJax: " + err.getAttribute("data-mjx-error")); return; }
+  // the assistive MathML copy is hidden by MathJax's page stylesheet, which tex2svg alone does
+  // not add: without this the screenshot holds the formula twice
+  node.querySelectorAll("mjx-assistive-mml").forEach(n => n.remove());
   box.appendChild(node); done(null);
 });"""
 

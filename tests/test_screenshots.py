@@ -35,5 +35,8 @@ def test_draws_at_the_asked_scale_and_reports_what_it_cannot_draw(browser, tmp_p
     for s in settings:
         drawn, errors = screenshots.draw_browser(browser, formulas, str(tmp_path / f"{kind}{s}"), kind, s)
         assert set(drawn) == {0, 2} and set(errors) == {1}, errors
+        # one copy of the formula: MathJax's assistive MathML would draw a second one
+        assert browser.driver.execute_script(
+            "return document.querySelectorAll('#box mjx-assistive-mml').length") == 0
         heights.append(ink_height(drawn[0]))
     assert 1.8 < heights[1] / heights[0] < 2.2, heights  # twice the scale: twice the glyphs
