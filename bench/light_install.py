@@ -61,22 +61,24 @@ def render_formula(out_dir: str) -> str:
     return res.rendered[0]
 
 
-def install_core(work: str) -> dict:
-    """A fresh venv with the core package from a copy of the checkout's sources."""
+def install_core(work: str) -> tuple[str, list[str], dict]:
+    """A fresh venv with the core package from a copy of the checkout's sources: (venv folder,
+    its pip install command, {install_s, venv_mb})."""
     src, venv = os.path.join(work, "src"), os.path.join(work, "venv")
     os.makedirs(src, exist_ok=True)
     for name in SOURCES:
-        copy = shutil.copytree if os.path.isdir(os.path.join(REPO, name)) else shutil.copy
-        kw = {"ignore": shutil.ignore_patterns("__pycache__", "*.pyc")} if copy is shutil.copytree else {}
-        copy(os.path.join(REPO, name), os.path.join(src, name), **kw)
+        if os.path.isdir(os.path.join(REPO, name)):
+            shutil.copytree(os.path.join(REPO, name), os.path.join(src, name),
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy(os.path.join(REPO, name), os.path.join(src, name))
     t0 = time.perf_counter()
     run([sys.executable, "-m", "venv", venv])
     pip = [os.path.join(venv, "bin", "python"), "-m", "pip", "install", "-q",
            "--disable-pip-version-check"]
     run([*pip, src])
     seconds = time.perf_counter() - t0
-    return {"venv": venv, "src": src, "pip": pip, "install_s": round(seconds, 1),
-            "venv_mb": round(folder_mb(venv), 1)}
+    return venv, pip, {"install_s": round(seconds, 1), "venv_mb": round(folder_mb(venv), 1)}
 
 
 def cold_cli(cmd: list[str], repeats: int, env: dict) -> dict:
@@ -137,9 +139,7 @@ def main() -> None:
     env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", str(os.cpu_count()))
     try:
         image = a.image or render_formula(os.path.join(work, "image"))
-        core = install_core(work)
-        venv, pip = core.pop("venv"), core.pop("pip")
-        core.pop("src")
+        venv, pip, core = install_core(work)
         py = os.path.join(venv, "bin", "python")
         torch_importable = subprocess.run([py, "-c", "import torch"], capture_output=True).returncode == 0
         onnx = cold_cli([os.path.join(venv, "bin", "pix2tex"), image], a.repeats, env)
