@@ -2,10 +2,11 @@
 
 A training checkpoint holds `model`, `optimizer`, `scheduler`, `rng`, `epoch`, `step`,
 `batch_in_epoch`, `best`, `config` (plain dict) and `tokenizer` (path). A bare state dict loads
-too. A LaTeX-OCR weights file is recognized and refused with the reason (`latex_ocr_reason`): its
-encoder's weights have our names and shapes, but its decoder (x-transformers 0.15) has biases in
-every layer norm, in the attention output and in the logits that x-transformers 2.x's decoder
-does not have, so no loading could give its outputs.
+too, and so does a LaTeX-OCR weights file (`from_latex_ocr`): its encoder's weights have our names
+and shapes; its decoder (x-transformers 0.15) names some weights differently and has biases in
+every layer norm, in the attention outputs and in the logits, which x-transformers 2.x dropped.
+Loading one gives the model those biases (`decoder_bias`) and renames the rest, so it computes
+LaTeX-OCR's outputs.
 """
 from __future__ import annotations
 
@@ -59,10 +60,9 @@ def load_model_weights(model: torch.nn.Module, ckpt: dict | str | os.PathLike, s
     state = model_state(ckpt)
     # torch.compile and DDP prefix parameter names; strip them so any checkpoint loads anywhere.
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+    if is_latex_ocr(state):
+        state = from_latex_ocr(state, model)
     own = model.state_dict()
-    reason = latex_ocr_reason(state)
-    if reason:
-        raise CheckpointError(f"{source or 'checkpoint'} is a LaTeX-OCR weights file: {reason}")
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -80,19 +80,39 @@ def load_model_weights(model: torch.nn.Module, ckpt: dict | str | os.PathLike, s
     model.load_state_dict(state)
 
 
-def latex_ocr_reason(state: dict) -> str | None:
-    """Why a LaTeX-OCR (x-transformers 0.15) state dict cannot load here, or None if `state` is
-    not one. Its decoder names (`decoder.net.token_emb.weight`, `decoder.net.norm.*`) tell it."""
-    if "decoder.net.token_emb.weight" not in state or "decoder.net.token_emb.emb.weight" in state:
-        return None
-    norm = re.compile(r"decoder\.net\.(norm|attn_layers\.layers\.\d+\.0)\.bias")
-    biases = [k for k in state if norm.fullmatch(k) or (k.startswith("decoder.net.") and k.endswith(
-        ("to_out.0.bias", "to_logits.bias")))]
-    return (f"its decoder has {len(biases)} bias tensors (layer norms, attention output, logits; "
-            f"e.g. {biases[0] if biases else 'decoder.net.norm.bias'}) that this decoder "
-            f"(x-transformers 2.x, bias-free layer norms) does not have, so its outputs cannot be "
-            f"reproduced; its encoder weights have this model's names. Train here (warm start "
-            f"from models/pix2tex.pth with load_ckpt=...) instead")
+def is_latex_ocr(state: dict) -> bool:
+    """A LaTeX-OCR (x-transformers 0.15) state dict: its token embedding is a bare nn.Embedding."""
+    return "decoder.net.token_emb.weight" in state and "decoder.net.token_emb.emb.weight" not in state
+
+
+# LaTeX-OCR decoder names -> ours (x-transformers 0.15 -> 2.x), applied in order
+_LATEX_OCR_NAMES = [
+    (r"decoder\.net\.token_emb\.weight$", "decoder.net.token_emb.emb.weight"),
+    (r"decoder\.net\.norm\.weight$", "decoder.net.attn_layers.final_norm.gamma"),
+    (r"decoder\.net\.norm\.bias$", "decoder.net.attn_layers.final_norm.beta"),
+    (r"(decoder\.net\.attn_layers\.layers\.\d+)\.0\.weight$", r"\1.0.0.gamma"),  # pre-norms
+    (r"(decoder\.net\.attn_layers\.layers\.\d+)\.0\.bias$", r"\1.0.0.beta"),
+    (r"(decoder\.net\.attn_layers\.layers\.\d+\.1)\.net\.", r"\1.ff."),  # feed-forwards
+]
+
+
+def from_latex_ocr(state: dict, model: torch.nn.Module) -> dict:
+    """A LaTeX-OCR weights file's state dict with this model's names. Its decoder's biases need
+    `decoder_bias`: a model built without them gains them here (zero until loaded). x-transformers
+    2.x scales the position embedding by dim^-0.5 where 0.15 did not, so the table is divided by
+    that scale."""
+    decoder = model.decoder
+    if not decoder.has_bias:
+        decoder.add_biases()
+    out = {}
+    for key, value in state.items():
+        for pattern, replacement in _LATEX_OCR_NAMES:
+            key = re.sub(f"^{pattern}", replacement, key)
+        out[key] = value
+    pos = "decoder.net.pos_emb.emb.weight"
+    if pos in out:
+        out[pos] = out[pos] / decoder.net.pos_emb.scale
+    return out
 
 
 # --- what a resume needs ----------------------------------------------------------------------
@@ -101,7 +121,7 @@ def latex_ocr_reason(state: dict) -> str | None:
 # cannot be resumed (or fine-tuned) with this config.
 ARCH_KEYS = ("encoder_structure", "backbone_layers", "dim", "encoder_depth", "encoder_heads",
              "num_layers", "heads", "max_seq_len", "num_tokens", "patch_size", "channels",
-             "max_height", "max_width", "decoder_args")
+             "max_height", "max_width", "decoder_args", "decoder_bias")
 
 
 def rng_state() -> dict:

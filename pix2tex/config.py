@@ -49,6 +49,9 @@ DEFAULTS: dict[str, Any] = {
     "bos_token": 1,
     "eos_token": 2,
     "emb_dropout": 0.0,
+    # biases in the decoder's layer norms, attention outputs and logits, as LaTeX-OCR's decoder
+    # (x-transformers 0.15) had; loading a LaTeX-OCR weights file sets it
+    "decoder_bias": False,
     "decoder_args": {"attn_on_attn": True, "cross_attend": True, "ff_glu": True,
                      "rel_pos_bias": False, "use_scalenorm": False},
     # --- training -------------------------------------------------------------------------

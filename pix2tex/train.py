@@ -48,8 +48,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pix2tex.checkpoint import (CheckpointError, check_compatible, is_training_state,
-                                load_checkpoint, load_model_weights, newest_checkpoint,
+from pix2tex.checkpoint import (CheckpointError, check_compatible, is_latex_ocr, is_training_state,
+                                load_checkpoint, load_model_weights, model_state, newest_checkpoint,
                                 remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
 from pix2tex.config import ConfigError, load_config, to_dict
 from pix2tex.fileio import file_sha256
@@ -813,6 +813,8 @@ def start_run(cfg, model, loss_fn, train_data, val_data, resume: bool, echo) -> 
         weights = load_checkpoint(cfg.load_ckpt)
         check_compatible(weights, to_dict(cfg), tokenizer_sha, cfg.load_ckpt)
         load_model_weights(model, weights, cfg.load_ckpt)
+        if is_latex_ocr(model_state(weights)):
+            cfg.decoder_bias = True  # the model gained its decoder's biases; checkpoints say so
         say(f"starting from the weights of {cfg.load_ckpt}")
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, total_steps(cfg, len(train_data.batch_plan(0))))

@@ -1,6 +1,5 @@
-"""Checkpoints: LaTeX-OCR's weights files are recognized and refused with the reason; the encoder
-half of one has our names and computes the same function (fixture made by
-scripts/make_latex_ocr_fixture.py in the peer venv)."""
+"""Checkpoints: LaTeX-OCR's weights files load with LaTeX-OCR's outputs (fixture made by
+scripts/make_latex_ocr_fixture.py in the peer venv); the newest checkpoint is chosen by step."""
 from pathlib import Path
 
 import pytest
@@ -13,19 +12,42 @@ from pix2tex.models import get_model
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "latex_ocr"
 
 
-def test_latex_ocr_weights_are_refused_with_the_reason_and_its_encoder_is_ours():
+def test_latex_ocr_weights_load_and_give_latex_ocrs_outputs():
     cfg = load_config(FIXTURES / "tiny_config.yaml")  # a LaTeX-OCR config (its keys)
     model = get_model(cfg).eval()
-    with pytest.raises(CheckpointError, match=r"tiny_weights\.pth is a LaTeX-OCR weights file: "
-                                              r"its decoder has 7 bias tensors"):
-        load_model_weights(model, FIXTURES / "tiny_weights.pth")
-    state = load_checkpoint(FIXTURES / "tiny_weights.pth")
-    model.encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items()
-                                   if k.startswith("encoder.")})  # strict: names and shapes
+    assert not model.decoder.has_bias
+    load_model_weights(model, FIXTURES / "tiny_weights.pth")
+    assert model.decoder.has_bias  # its decoder's layer norm, attention and logit biases
     reference = torch.load(FIXTURES / "tiny_outputs.pth", weights_only=True)
     with torch.no_grad():
         memory = model.encode(reference["images"])
+        logits = model.decoder(reference["tgt"], memory)
     torch.testing.assert_close(memory, reference["memory"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, reference["logits"], atol=1e-4, rtol=1e-4)
+    # generation's KV-cached step (and so the ONNX export) reads the same biases
+    state = model.decoder.start(memory, max_len=reference["tgt"].shape[1], precision="fp32")
+    with torch.no_grad():
+        for i in range(reference["tgt"].shape[1]):
+            torch.testing.assert_close(state.step(reference["tgt"][:, i]),
+                                       reference["logits"][:, i], atol=1e-4, rtol=1e-4)
+
+
+def test_decoder_biases_start_at_zero_and_change_nothing():
+    cfg = load_config(FIXTURES / "tiny_config.yaml")
+    torch.manual_seed(0)
+    model = get_model(cfg).eval()
+    tgt, memory = torch.tensor([[1, 5, 9, 12]]), torch.randn(1, 32, cfg.dim)
+    with torch.no_grad():
+        before = model.decoder(tgt, memory)
+        model.decoder.add_biases()
+        after = model.decoder(tgt, memory)
+    torch.testing.assert_close(after, before)
+    torch.manual_seed(0)  # built with them (decoder_bias), the seeded init is the same
+    biased = get_model(load_config(FIXTURES / "tiny_config.yaml", ["decoder_bias=true"]))
+    assert all(torch.equal(biased.state_dict()[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(CheckpointError, match="another architecture .*decoder_bias"):
+        from pix2tex.checkpoint import check_compatible
+        check_compatible({"config": {"decoder_bias": True}}, {"decoder_bias": False}, None, "x.pth")
 
 
 def test_newest_checkpoint_is_the_highest_step_not_the_newest_file(tmp_path):

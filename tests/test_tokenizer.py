@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,6 +91,22 @@ def test_unseen_character_is_unk(tok):
     ids = tok.encode("x + \u263a")
     assert UNK_ID in ids
     assert tok.decode(ids).startswith("x +")
+
+
+def test_latex_ocr_tokenizer_loads_decodes_and_reports_what_it_drops(tmp_path):
+    """LaTeX-OCR's tokenizer.json (byte-level BPE, no [UNK]), for running its weights here."""
+    from pix2tex.dataset.dataset import unknown_labels
+
+    latex_ocr = load_tokenizer(os.path.join(REPO, "pix2tex", "latex_ocr_tokenizer.json"))
+    assert latex_ocr.unk_id is None and len(latex_ocr) == 1175
+    f = r"\frac { a } { b } + x ^ { 2 } \alpha"
+    ids = latex_ocr.encode(f)
+    assert "Ġ{" in latex_ocr.tokens(f)  # its pieces, with the byte-level space mark
+    assert latex_ocr.decode([BOS_ID, *ids, EOS_ID, PAD_ID]) == f
+    # a character outside its vocabulary vanishes in encoding: counted as unknown, not lost unseen
+    formulas = [f, f + " \u263a"]
+    ids = [np.asarray(latex_ocr.encode(x)) for x in formulas]
+    assert unknown_labels(latex_ocr, formulas, ids) == [False, True]
 
 
 def test_save_load(tok, tmp_path):

@@ -436,6 +436,46 @@ def test_latex_ocr_debug_yaml_trains_two_steps_with_its_flags(tiny_data, tmp_pat
     assert ckpt["config"]["patch_size"] == 32 and ckpt["config"]["pad"] is True
 
 
+def as_latex_ocr_weights(state: dict, dim: int) -> dict:
+    """A state dict of ours (with decoder biases) under LaTeX-OCR's names (x-transformers 0.15)."""
+    import re
+
+    names = [(r"token_emb\.emb\.weight$", "token_emb.weight"),
+             (r"attn_layers\.final_norm\.gamma$", "norm.weight"),
+             (r"attn_layers\.final_norm\.beta$", "norm.bias"),
+             (r"(layers\.\d+)\.0\.0\.gamma$", r"\1.0.weight"), (r"(layers\.\d+)\.0\.0\.beta$", r"\1.0.bias"),
+             (r"(layers\.\d+\.1)\.ff\.", r"\1.net.")]
+    out = {}
+    for key, value in state.items():
+        if key == "decoder.net.pos_emb.emb.weight":
+            value = value * dim ** -0.5  # 0.15 had no scale on the position embedding
+        for pattern, replacement in names:
+            key = re.sub(pattern, replacement, key)
+        out[key] = value
+    return out
+
+
+def test_training_starts_from_latex_ocr_weights_and_its_checkpoints_reload(tiny_data, tmp_path):
+    from pix2tex.checkpoint import load_model_weights, save_checkpoint
+    from pix2tex.models import get_model
+
+    config = write_config(tmp_path, tiny_data, {**TINY, "sample_freq": 1000})
+    torch.manual_seed(3)
+    theirs = get_model(load_config(config, ["decoder_bias=true"]))
+    with torch.no_grad():  # nonzero biases, so that losing one would show
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_checkpoint(as_latex_ocr_weights(theirs.state_dict(), TINY["dim"]), tmp_path / "weights.pth")
+    train(load_config(config, ["name=from_latex_ocr", "max_steps=1", "optimizer.lr=0",
+                               f"load_ckpt={tmp_path / 'weights.pth'}"]))
+    ckpt = load_checkpoint(tmp_path / "runs" / "from_latex_ocr" / "last.pth")
+    assert ckpt["config"]["decoder_bias"] is True
+    again = get_model(load_config(config, ["decoder_bias=true"]))
+    load_model_weights(again, ckpt)  # strict: every name and shape
+    for key, value in theirs.state_dict().items():  # lr 0: the weights it started from
+        torch.testing.assert_close(again.state_dict()[key], value, msg=key)
+
+
 def test_save_freq_keeps_every_nth_epoch(tiny_data, tmp_path):
     cfg = load_config(write_config(tmp_path, tiny_data, TINY),
                       ["epochs=2", "save_freq=1", "sample_freq=1000", "name=ep"])

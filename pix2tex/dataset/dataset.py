@@ -106,6 +106,16 @@ class BuildReport:
         return "\n".join(lines)
 
 
+def unknown_labels(tok: LatexTokenizer, formulas: Sequence[str], ids: Sequence[np.ndarray]) -> list[bool]:
+    """Which labels hold a character the tokenizer cannot encode: [UNK] in the ids, or for a
+    tokenizer without [UNK] (LaTeX-OCR's drops such characters) a decoding that is not the
+    formula (spaces aside)."""
+    if tok.unk_id is not None:
+        return [bool((t == tok.unk_id).any()) for t in ids]
+    decoded = tok.decode_batch([t.tolist() for t in ids])
+    return ["".join(f.split()) != "".join(d.split()) for f, d in zip(formulas, decoded)]
+
+
 class _SafeUnpickler(pickle.Unpickler):
     """Reads only plain data: a pkl that names any other global (os.system, ...) is refused."""
 
@@ -249,7 +259,7 @@ class Im2LatexDataset:
         ids = [np.asarray(t, dtype=np.int32) for t in tok.encode_batch(formulas)]
         # A character the tokenizer never saw becomes [UNK]: counted here; training skips such
         # labels (`skip_unknown`), evaluation keeps them (it scores the formula text).
-        report.unknown_chars = sum(1 for t in ids if (t == UNK_ID).any())
+        report.unknown_chars = sum(unknown_labels(tok, formulas, ids))
         self._set_samples(root, paths, formulas, widths, heights, ids, tok.path)
         self._tokenizer = tok
         self.report = report
@@ -335,14 +345,15 @@ class Im2LatexDataset:
         """Why each sample is out under the current settings (None: it is in)."""
         (min_w, min_h), (max_w, max_h) = self.min_dimensions, self.max_dimensions
         out = []
-        for w, h, t in zip(self.widths, self.heights, self.ids):
+        unknown = self._unknown_labels() if self.skip_unknown else [False] * len(self.ids)
+        for w, h, t, unk in zip(self.widths, self.heights, self.ids, unknown):
             if w < min_w or h < min_h:
                 out.append("too_small")
             elif w > max_w or h > max_h:
                 out.append("too_large")
             elif len(t) + 2 > self.max_seq_len:
                 out.append("too_long")
-            elif self.skip_unknown and (t == UNK_ID).any():
+            elif unk:
                 out.append("unknown_chars")
             else:
                 out.append(None)
@@ -375,6 +386,13 @@ class Im2LatexDataset:
                 raise DatasetError("this dataset has no tokenizer path")
             self._tokenizer = load_tokenizer(self.tokenizer_path)
         return self._tokenizer
+
+    def _unknown_labels(self) -> list[bool]:
+        """Which labels hold a character the tokenizer cannot encode (`unknown_labels`); by our
+        [UNK] id when the pkl names no tokenizer file that is there."""
+        if self._tokenizer is None and not (self.tokenizer_path and os.path.isfile(self.tokenizer_path)):
+            return [bool((t == UNK_ID).any()) for t in self.ids]
+        return unknown_labels(self.tokenizer, self.formulas, self.ids)
 
     def buckets(self) -> dict[tuple[int, int], list[int]]:
         """Sample indices by image size (width, height), in sample order."""

@@ -8,6 +8,11 @@ alphabet symbol (the word marker is a separate symbol), so any formula made of c
 training encodes without `[UNK]` and decodes to itself.
 
 Special tokens: [PAD]=0, [BOS]=1, [EOS]=2, [UNK]=3. `encode` adds no BOS/EOS; the dataset does.
+
+LaTeX-OCR's tokenizer.json (a byte-level BPE: [PAD], [BOS], [EOS] at 0-2 and no [UNK]; a character
+outside its vocabulary is dropped, which the dataset counts as unknown) loads too, for its weights.
+It decodes with the byte-level decoder (LaTeX-OCR's `token2str` joined its pieces and turned `Ġ`
+into spaces), whitespace collapsed as for ours.
 """
 from __future__ import annotations
 
@@ -40,16 +45,22 @@ def _new_tokenizer() -> Tokenizer:
 class LatexTokenizer:
     """A trained BPE tokenizer for normalized LaTeX. `path` is the file it was loaded from or saved to."""
 
-    pad_id, bos_id, eos_id, unk_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID
+    pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
 
     def __init__(self, tokenizer: Tokenizer, path: str | None = None):
-        for i, name in enumerate(SPECIAL_TOKENS):
+        byte_level = isinstance(tokenizer.pre_tokenizer, pre_tokenizers.ByteLevel)
+        # a byte-level BPE (LaTeX-OCR's) may have no [UNK]
+        need = SPECIAL_TOKENS[:3] if byte_level and tokenizer.token_to_id(UNK) is None else SPECIAL_TOKENS
+        for i, name in enumerate(need):
             if tokenizer.token_to_id(name) != i:
                 raise TokenizerError(f"{path or 'tokenizer'}: special token {name} must have id {i}, "
                                      f"has {tokenizer.token_to_id(name)}; retrain it with "
                                      f"`python -m pix2tex.dataset.tokenizer`")
+        if byte_level and tokenizer.decoder is None:
+            tokenizer.decoder = decoders.ByteLevel()
         self.tokenizer = tokenizer
         self.path = path
+        self.unk_id: int | None = tokenizer.token_to_id(UNK)  # None: unknown characters vanish
 
     def __len__(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)

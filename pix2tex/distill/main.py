@@ -89,9 +89,9 @@ class Distiller(nn.Module):
         if d.temperature <= 0:
             raise ConfigError(f"distill.temperature={d.temperature} must be > 0")
         self.student = student
-        # Not a submodule: the teacher's weights are neither trained, nor saved with the student,
-        # nor counted as its parameters. `_apply` below still moves it with the student.
-        object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
+        # Held in a plain list, not as a submodule: the teacher's weights are neither trained, nor
+        # saved with the student, nor counted as its parameters. `_apply` below still moves it.
+        self._frozen = [teacher.eval().requires_grad_(False)]
         self.weights = {"target": d.r_target, "soft": d.r_soft, "hard": d.r_hard}
         self.temperature = d.temperature
         self.r_embedding = d.r_embedding
@@ -110,6 +110,10 @@ class Distiller(nn.Module):
         super().train(mode)
         self.teacher.eval()  # always: no dropout in the teacher
         return self
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._frozen[0]
 
     @property
     def needs_teacher(self) -> bool:

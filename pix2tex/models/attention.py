@@ -14,8 +14,8 @@ PyTorch's CPU flash-attention kernel is slow in bf16, above all its backward. Me
 So: short attention (queries x keys up to SHORT) runs as explicit bf16 matmuls with the softmax in
 float32 and an explicit backward; longer attention runs the flash kernel in float32. Anything
 else (GPU, float32, inference, dropout, masks) goes to F.scaled_dot_product_attention unchanged.
-`Attention` (timm's, for the ViT encoder) and `Attend` (x-transformers', for the decoder) route
-their attention through `attention()`; parameters and state dicts are unchanged.
+`Attention` (timm's, for the ViT encoder) and `RoutedAttend` (around x-transformers' Attend, for the
+decoder) route their attention through `attention()`; parameters and state dicts are unchanged.
 """
 from __future__ import annotations
 
@@ -117,25 +117,38 @@ class Attention(TimmAttention):
         return self.proj_drop(self.proj(self.norm(x)))
 
 
-class Attend(XAttend):
-    """x-transformers' Attend with its flash path through `attention()` when nothing but (optional)
-    causality is asked for; masks, biases and the other options keep x-transformers' own path."""
+class RoutedAttend(nn.Module):
+    """An x-transformers `Attend` (kept as `inner`) whose flash path runs through `attention()`
+    when nothing but (optional) causality is asked for; masks, biases, grouped heads and the other
+    options go to the inner Attend unchanged."""
 
-    def flash_attn(self, q, k, v, mask=None, attn_bias=None, flash_pack_seq_kwargs=None, causal=None):
-        causal = self.causal if causal is None else causal
-        default_scale = self.scale is None or math.isclose(self.scale, q.shape[-1] ** -0.5)
-        plain = (mask is None and attn_bias is None and not self.l2_distance and default_scale
-                 and not self.flash_pack_seq and k.ndim == 4 and v.ndim == 4)
-        if not plain or (causal and q.shape[-2] != k.shape[-2]):
-            return super().flash_attn(q, k, v, mask=mask, attn_bias=attn_bias,
-                                      flash_pack_seq_kwargs=flash_pack_seq_kwargs, causal=causal)
-        out = attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
+    def __init__(self, inner: XAttend):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, q, k, v, mask=None, attn_bias=None, prev_attn=None, attn_delta=None,
+                row_mask=None, flash_pack_seq_kwargs=None, causal=None):
+        a = self.inner
+        causal = a.causal if causal is None else causal
+        causal = causal and q.shape[-2] > 1  # one query: KV-cached decoding, as Attend does
+        default_scale = a.scale is None or math.isclose(a.scale, q.shape[-1] ** -0.5)
+        plain = (a.flash and mask is None and attn_bias is None and prev_attn is None
+                 and attn_delta is None and not a.add_zero_kv and not a.l2_distance
+                 and default_scale and not a.flash_pack_seq and k.ndim == 4 and v.ndim == 4
+                 and k.shape[1] == q.shape[1] and not (causal and q.shape[-2] != k.shape[-2]))
+        if not plain:
+            return a(q, k, v, mask=mask, attn_bias=attn_bias, prev_attn=prev_attn,
+                     attn_delta=attn_delta, row_mask=row_mask,
+                     flash_pack_seq_kwargs=flash_pack_seq_kwargs, causal=causal)
+        out = attention(q, k, v, is_causal=causal, dropout_p=a.dropout if a.training else 0.0)
         return out, Intermediates()
 
 
 def route_decoder_attention(module: torch.nn.Module) -> None:
-    """Make every x-transformers Attend inside `module` an `Attend` above (same state; it has no
-    parameters), so the decoder's attention runs through `attention()`."""
-    for m in module.modules():
-        if type(m) is XAttend:
-            m.__class__ = Attend
+    """Wrap every x-transformers Attend inside `module` in a `RoutedAttend`, so the decoder's
+    attention runs through `attention()`. Only an Attend without state is wrapped (the ones this
+    project's decoders have): the wrapper must not rename anything in the state dict."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is XAttend and not child.state_dict():
+                setattr(parent, name, RoutedAttend(child))

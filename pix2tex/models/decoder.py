@@ -18,6 +18,10 @@ export). The lean step covers the decoder options in LEAN_DECODER_ARGS; any othe
 fall back to x-transformers' own cached path (`XTransformersState`). Tests check both against the
 uncached forward.
 
+With `bias=True` (config `decoder_bias`) the decoder has what LaTeX-OCR's (x-transformers 0.15)
+had and x-transformers 2.x dropped: a bias in every layer norm, in each attention's output
+projection and in the logits; LaTeX-OCR weights files load into it (checkpoint.py).
+
 `LatexDecoder` is a `CustomARWrapper`: LaTeX-OCR's name for its decoder, an x-transformers
 `AutoregressiveWrapper` whose `generate(start_tokens, seq_len, eos_token, temperature,
 filter_logits_fn, filter_thres, context=memory)` LaTeX-OCR code calls (`model.decoder.generate`).
@@ -83,6 +87,42 @@ def _linear(x: torch.Tensor, weight, bias=None) -> torch.Tensor:
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight, bias)
     return torch.ops.quantized.linear_dynamic(x, weight, False)  # int8 packed (bias inside)
+
+
+class BiasedLayerNorm(XLayerNorm):
+    """x-transformers' LayerNorm with a bias `beta`, as x-transformers 0.15's (nn.LayerNorm) had."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.beta = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        return super().forward(x) + self.beta
+
+
+def _with_bias(linear: nn.Linear) -> nn.Linear:
+    """`linear`'s weight in a Linear with a bias (zero: the same function until trained)."""
+    out = nn.Linear(linear.in_features, linear.out_features, bias=True)
+    with torch.no_grad():
+        out.weight.copy_(linear.weight)
+        out.bias.zero_()
+    return out
+
+
+def add_biases(net: TransformerWrapper) -> None:
+    """Give the x-transformers decoder `net` the biases LaTeX-OCR's decoder has: in every pre-norm
+    and the final norm, in each attention's output projection and in the logits."""
+    layers = net.attn_layers
+    with torch.random.fork_rng(devices=[]):  # the new modules' throwaway init draws nothing seeded
+        for norms, block, _ in layers.layers:
+            norms[0] = BiasedLayerNorm(layers.dim)
+            if isinstance(block, Attention):
+                if isinstance(block.to_out, nn.Sequential):  # attn_on_attn: Linear, GLU
+                    block.to_out[0] = _with_bias(block.to_out[0])
+                elif isinstance(block.to_out, nn.Linear):
+                    block.to_out = _with_bias(block.to_out)
+        layers.final_norm = BiasedLayerNorm(layers.dim)
+        net.to_logits = _with_bias(net.to_logits)
 
 
 def lean_supported(decoder_args: dict) -> bool:
@@ -163,7 +203,8 @@ class LatexDecoder(CustomARWrapper):
     gives teacher-forced logits (not CustomARWrapper's loss); decoding runs the lean step."""
 
     def __init__(self, num_tokens: int, max_seq_len: int, dim: int, depth: int, heads: int,
-                 decoder_args: dict | None = None, emb_dropout: float = 0.0, pad_value: int = 0):
+                 decoder_args: dict | None = None, emb_dropout: float = 0.0, pad_value: int = 0,
+                 bias: bool = False):
         args = dict(decoder_args or {})
         args.setdefault("cross_attend", True)
         if not args["cross_attend"]:
@@ -172,12 +213,26 @@ class LatexDecoder(CustomARWrapper):
         net = TransformerWrapper(
             num_tokens=num_tokens, max_seq_len=max_seq_len, emb_dropout=emb_dropout,
             attn_layers=Decoder(dim=dim, depth=depth, heads=heads, **args))
+        if bias:
+            add_biases(net)
         super().__init__(net, pad_value=pad_value)
         route_decoder_attention(self.net)  # faster exact kernels for bf16 training on CPU
         self._prepared = None  # (key, weights) of the last step_weights() call
         self.lean = lean_supported(args)
         if self.lean:
             self._check_lean_structure()
+
+    @property
+    def has_bias(self) -> bool:
+        """Built with (or given) LaTeX-OCR's decoder biases (`add_biases`)."""
+        return isinstance(self.net.attn_layers.final_norm, BiasedLayerNorm)
+
+    def add_biases(self) -> None:
+        """Give this decoder LaTeX-OCR's biases (zero: the same function until trained), on the
+        device of its weights. Loading a LaTeX-OCR weights file calls this."""
+        device = self.net.token_emb.emb.weight.device
+        add_biases(self.net)
+        self.net.to(device)
 
     # --- teacher forcing (x-transformers) -------------------------------------------------------
     def forward(self, tgt_in: torch.Tensor, memory: torch.Tensor, return_hidden: bool = False):
@@ -234,14 +289,18 @@ class LatexDecoder(CustomARWrapper):
         def norm_gamma(norm):  # float32, as the residual stream
             return (norm.gamma + float(norm.unit_offset)).detach().float()
 
+        def norm_beta(norm):
+            return norm.beta.detach().float() if isinstance(norm, BiasedLayerNorm) else None
+
         blocks = []
         for (norms, block, _), kind in zip(layers.layers, layers.layer_types):
-            gamma = norm_gamma(norms[0])
+            gamma, beta = norm_gamma(norms[0]), norm_beta(norms[0])
             if kind in "ac":
                 glu = block.attn_on_attn
-                w_out = block.to_out[0].weight if glu else block.to_out.weight
-                entry = {"kind": kind, "gamma": gamma, "heads": block.heads, "glu": glu,
-                         "w_out": linear(w_out)[0]}
+                out = block.to_out[0] if glu else block.to_out
+                entry = {"kind": kind, "gamma": gamma, "beta": beta, "heads": block.heads,
+                         "glu": glu}
+                entry["w_out"], entry["b_out"] = linear(out.weight, out.bias)
                 if kind == "a":
                     entry["w_qkv"] = linear(torch.cat([block.to_q.weight, block.to_k.weight,
                                                        block.to_v.weight]))[0]
@@ -253,7 +312,7 @@ class LatexDecoder(CustomARWrapper):
                 proj_in, proj_out = block.ff[0], block.ff[-1]
                 glu = hasattr(proj_in, "proj")
                 lin_in, act = (proj_in.proj, proj_in.act) if glu else (proj_in[0], proj_in[-1])
-                entry = {"kind": "f", "gamma": gamma, "glu": glu, "act": act}
+                entry = {"kind": "f", "gamma": gamma, "beta": beta, "glu": glu, "act": act}
                 entry["w_in"], entry["b_in"] = linear(lin_in.weight, lin_in.bias)
                 entry["w_ff_out"], entry["b_ff_out"] = linear(proj_out.weight, proj_out.bias)
             blocks.append(entry)
@@ -263,6 +322,7 @@ class LatexDecoder(CustomARWrapper):
                 "tok": net.token_emb.emb.weight.detach().float(),
                 "pos": (net.pos_emb.emb.weight * net.pos_emb.scale).detach().float(),
                 "final_gamma": norm_gamma(layers.final_norm),
+                "final_beta": norm_beta(layers.final_norm),
                 "w_logits": w_logits, "b_logits": b_logits}
 
     def step_weights(self, precision: str = "fp32", cache_dtype: torch.dtype | None = None) -> dict:
@@ -304,7 +364,7 @@ class LatexDecoder(CustomARWrapper):
         a = c = 0
         new_k, new_v = [], []
         for blk in weights["blocks"]:
-            h = F.layer_norm(x, (dim,), blk["gamma"]).to(mm)
+            h = F.layer_norm(x, (dim,), blk["gamma"], blk["beta"]).to(mm)
             kind = blk["kind"]
             if kind == "a":
                 H = blk["heads"]
@@ -327,7 +387,7 @@ class LatexDecoder(CustomARWrapper):
                 c += 1
             if kind in "ac":
                 out = out.transpose(1, 2).reshape(B, 1, -1).to(mm)
-                out = _linear(out, blk["w_out"])
+                out = _linear(out, blk["w_out"], blk["b_out"])
                 if blk["glu"]:
                     out = F.glu(out, dim=-1)
             else:
@@ -339,7 +399,7 @@ class LatexDecoder(CustomARWrapper):
                     out = blk["act"](out)
                 out = _linear(out, blk["w_ff_out"], blk["b_ff_out"])
             x = x + out  # float32 + bf16 -> float32
-        x = F.layer_norm(x, (dim,), weights["final_gamma"]).to(mm)
+        x = F.layer_norm(x, (dim,), weights["final_gamma"], weights["final_beta"]).to(mm)
         logits = _linear(x[:, 0], weights["w_logits"], weights["b_logits"])
         return logits, torch.stack(new_k), torch.stack(new_v)
 
@@ -357,7 +417,8 @@ def get_decoder(cfg) -> LatexDecoder:
     return LatexDecoder(num_tokens=cfg.num_tokens, max_seq_len=cfg.max_seq_len, dim=cfg.dim,
                         depth=cfg.num_layers, heads=cfg.heads,
                         decoder_args=dict(cfg.decoder_args or {}),
-                        emb_dropout=cfg.get("emb_dropout", 0.0), pad_value=cfg.pad_token)
+                        emb_dropout=cfg.get("emb_dropout", 0.0), pad_value=cfg.pad_token,
+                        bias=bool(cfg.get("decoder_bias", False)))
 
 
 class LeanState:

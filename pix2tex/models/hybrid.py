@@ -91,6 +91,23 @@ class MaxPoolSame(MaxPool2dSame):
         return F.max_pool2d(x, self.kernel_size, self.stride, pad, 1, ceil_mode=True)
 
 
+def route_stem(stem: torch.nn.Module) -> None:
+    """Replace the stem's conv by a `StemConv` holding its weights (channels-last on CPU) and its
+    'same' max pool by a `MaxPoolSame` (no state)."""
+    old = stem.conv
+    if old.kernel_size[0] == old.kernel_size[1] and old.stride[0] == old.stride[1] and \
+            old.dilation == (1, 1) and old.groups == 1:
+        with torch.random.fork_rng(devices=[]):  # its throwaway init leaves the seeded init alone
+            conv = StemConv(old.in_channels, old.out_channels, old.kernel_size[0], old.stride[0],
+                            bias=old.bias is not None, eps=old.eps)
+        conv.load_state_dict(old.state_dict())
+        stem.conv = conv
+    pool = getattr(stem, "pool", None)
+    if type(pool) is MaxPool2dSame:
+        stem.pool = MaxPoolSame(pool.kernel_size, pool.stride, dilation=pool.dilation,
+                                ceil_mode=pool.ceil_mode)
+
+
 def get_encoder(cfg) -> GridViT:
     reduction = backbone_reduction(cfg.backbone_layers)
     if cfg.patch_size % reduction:
@@ -100,9 +117,7 @@ def get_encoder(cfg) -> GridViT:
                         in_chans=cfg.channels, preact=False, stem_type='same',
                         conv_layer=StdConv, norm_layer=norm_layer)
     route_backbone(backbone)  # each block's last norm + shortcut + ReLU in one kernel (bf16 CPU)
-    backbone.stem.conv.__class__ = StemConv  # same modules and state, channels-last on CPU
-    if isinstance(getattr(backbone.stem, "pool", None), MaxPool2dSame):
-        backbone.stem.pool.__class__ = MaxPoolSame
+    route_stem(backbone.stem)
     embed = partial(HybridEmbed, backbone=backbone)
     return GridViT(max_height=cfg.max_height, max_width=cfg.max_width,
                    patch_size=cfg.patch_size // reduction, embed_dim=cfg.dim,
