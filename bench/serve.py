@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """Load test of the HTTP service on loopback: requests/s and latency for concurrent clients.
 
-Starts `python -m pix2tex.serve` (127.0.0.1 only) with a tiny model trained here in ~20-40 s on
-8 rendered synthetic formulas (or --checkpoint), sends `--clients` concurrent clients (keep-alive
-connections, POST /predict with those rendered formulas in turn) for `--seconds`, and reports
-requests/s, latency percentiles, how the service batched the requests, and the server's resident
-memory before and after the run (growth means a leak). Prints one JSON object.
+Starts `python -m pix2tex.serve` (127.0.0.1 only) with the shipped model (models/pix2tex.pth,
+or --checkpoint) and sends it `--formulas` held-out im2latex formulas (../shared/data, rendered
+here by the project's renderer at 100-130 dpi: pages of mixed sizes, as real traffic has) from
+`--clients` concurrent clients (keep-alive connections, POST /predict, the formulas in turn) for
+`--seconds`. Reports requests/s, latency percentiles, how the service batched the requests
+(images per decoding pass), and the server's resident memory before, during and after the run
+(growth means a leak). Prints one JSON object. `--tiny`: a tiny model trained here in ~20-40 s on
+8 synthetic formulas instead (the service's own overhead, not a model's).
 
     .venv/bin/python bench/serve.py [--clients 8] [--seconds 60] [--threads 2] [--backend torch|onnx]
 """
@@ -71,6 +74,21 @@ def tiny_checkpoint(workdir: str, steps: int = 300) -> tuple[str, list[str]]:
             keep_smaller_batches=True))
         log(f"trained the tiny model in {time.time() - t0:.0f} s")
     return ckpt, sorted(os.path.join(images, f) for f in os.listdir(images) if f.endswith(".png"))
+
+
+def real_images(workdir: str, shared: str, n: int) -> list[str]:
+    """The first `n` im2latex validation formulas that render, drawn at 100-130 dpi (cached)."""
+    from dataset_tools.render import render_formulas
+
+    source = os.path.join(shared, "im2latex_val.norm.txt")
+    if not os.path.isfile(source):
+        raise SystemExit(f"error: {source} not found (--shared FOLDER with the corpora, or --tiny)")
+    with open(source, encoding="utf-8") as f:
+        formulas = [line.strip() for line, _ in zip(f, range(2 * n)) if line.strip()]
+    folder = os.path.join(workdir, f"im2latex_val_{n}")
+    result = render_formulas(formulas, folder, dpi=(100, 130), seed=0, progress=False)
+    return [os.path.join(folder, f"{i:07d}.png") for i in range(len(formulas))
+            if i not in result.rejected][:n]
 
 
 def free_port() -> int:
@@ -142,16 +160,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="the server's torch/onnxruntime threads")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--backend", choices=["torch", "onnx"], default="torch")
-    ap.add_argument("--checkpoint", help="serve this model (default: a tiny one trained here)")
-    ap.add_argument("--images", nargs="*", help="images to send (default: the tiny model's)")
+    ap.add_argument("--checkpoint", default=os.path.join(REPO, "models", "pix2tex.pth"),
+                    help="serve this model (default: the shipped one)")
+    ap.add_argument("--images", nargs="*", help="images to send (default: --formulas rendered "
+                    "im2latex val formulas; with --tiny the tiny model's)")
+    ap.add_argument("--formulas", type=int, default=16, help="rendered formulas to send")
+    ap.add_argument("--shared", default=os.path.join(REPO, "..", "shared", "data"))
+    ap.add_argument("--tiny", action="store_true", help="a tiny model trained here instead")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "pix2tex-bench-serve"))
     opts = ap.parse_args()
     os.makedirs(opts.workdir, exist_ok=True)
 
-    ckpt, images = tiny_checkpoint(opts.workdir) if not opts.checkpoint else (opts.checkpoint, [])
+    if opts.tiny:
+        ckpt, images = tiny_checkpoint(opts.workdir)
+    else:
+        ckpt, images = opts.checkpoint, opts.images or real_images(opts.workdir, opts.shared, opts.formulas)
     images = opts.images or images
-    if not images:
-        ap.error("--images are needed with --checkpoint")
     if opts.backend == "onnx":
         onnx_dir = os.path.join(opts.workdir, "onnx")
         if not os.path.isfile(os.path.join(onnx_dir, "pix2tex_onnx.json")):
@@ -232,7 +256,7 @@ def main() -> None:
                        "p99": round(1000 * percentile(ok, 99), 1),
                        "mean": round(1000 * statistics.fmean(ok), 1),
                        "max": round(1000 * max(ok), 1)} if ok else None,
-        # queue batches: what the inference thread took at once; forward passes: one per page size
+        # queue batches: what the inference thread took at once; forward passes: decoding passes
         "batching": {"images": pages, "queue_batches": batches, "forward_passes": passes,
                      "images_per_queue_batch": round(pages / max(batches, 1), 2),
                      "images_per_forward_pass": round(pages / max(passes, 1), 2),

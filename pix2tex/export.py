@@ -107,17 +107,20 @@ def encoder_graph(model):
 
 
 def decoder_step_graph(model):
-    """(tokens, cross_k, cross_v, self_k, self_v) -> (logits, self_k + new, self_v + new): the
-    decoder's lean KV-cached step, its position being the cache length."""
+    """(tokens, cross_k, cross_v, self_k, self_v, cross_mask) -> (logits, self_k + new, self_v +
+    new): the decoder's lean KV-cached step, its position being the cache length. cross_mask
+    [B, N] is added to the cross-attention scores: 0 where a row's memory is, -inf where it is
+    padding (images of several sizes in one batch)."""
     import torch
     from torch import nn
 
     decoder, weights = model.decoder, _lean_weights(model)
 
     class DecoderStep(nn.Module):
-        def forward(self, tokens, cross_k, cross_v, self_k, self_v):
+        def forward(self, tokens, cross_k, cross_v, self_k, self_v, cross_mask):
             logits, k, v = decoder.decode_step(tokens, self_k.shape[3], cross_k, cross_v, self_k,
-                                               self_v, weights, inplace=False)
+                                               self_v, weights, inplace=False,
+                                               cross_mask=cross_mask[:, None, None, :])
             return logits, torch.cat([self_k, k], 3), torch.cat([self_v, v], 3)
 
     return DecoderStep().eval(), sum(b["kind"] == "a" for b in weights["blocks"])
@@ -162,11 +165,13 @@ def export_decoder_step(model, cfg, path: str, opset: int = OPSET) -> dict:
     batch = Dim("batch", min=1, max=4096)
     memory = {1: batch, 3: Dim("memory", min=1, max=(cfg.max_height // p) * (cfg.max_width // p) + 1)}
     cache = {1: batch, 3: Dim("past", min=0, max=cfg.max_seq_len)}
-    _export(step, (torch.tensor([5, 6]), cross_k, cross_v, past, past.clone()), path,
-            ["tokens", "cross_k", "cross_v", "self_k", "self_v"],
+    cross_mask = torch.zeros(2, cross_k.shape[3])
+    cross_mask[1, -2:] = float("-inf")
+    _export(step, (torch.tensor([5, 6]), cross_k, cross_v, past, past.clone(), cross_mask), path,
+            ["tokens", "cross_k", "cross_v", "self_k", "self_v", "cross_mask"],
             ["logits", "self_k_out", "self_v_out"],
             {"tokens": {0: batch}, "cross_k": memory, "cross_v": memory, "self_k": cache,
-             "self_v": cache}, opset)
+             "self_v": cache, "cross_mask": {0: batch, 1: memory[3]}}, opset)
     return {"layers": layers, "heads": heads, "head_dim": head_dim}
 
 

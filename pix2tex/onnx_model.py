@@ -2,6 +2,7 @@
 
     model = OnnxModel("export/pix2tex")
     ids = model.generate(images)     # images float32 [B, 1, H, W], normalized -> ids [B, L]
+    ids = model.generate_sizes([a, b])   # images [1, H, W] of several sizes, one decoding batch
 
 `greedy` is `models/generate.sample` at temperature 0 over the exported decoder step: the same
 loop (a row leaves the batch at its EOS) and the same PAD/BOS mask (pix2tex.special_tokens), so
@@ -23,13 +24,15 @@ META = "pix2tex_onnx.json"
 
 
 def greedy(step, cross_k: np.ndarray, cross_v: np.ndarray, cache: dict, max_len: int, bos: int,
-           eos: int, pad: int, should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+           eos: int, pad: int, should_stop: Callable[[], bool] | None = None,
+           cross_mask: np.ndarray | None = None) -> np.ndarray:
     """Greedy decoding from BOS -> ids [B, L] without BOS, each row ending at its EOS, then PAD.
 
     `step(feeds) -> (logits [B, V], self_k_out, self_v_out)` runs decoder_step.onnx on feeds named
     as its inputs; `cross_k`, `cross_v` are the encoder graph's outputs; `cache` the geometry
     {layers, heads, head_dim} of the self-attention cache, which starts empty. `should_stop` is
-    asked before each step: True raises pix2tex.cancel.DecodeCancelled."""
+    asked before each step: True raises pix2tex.cancel.DecodeCancelled. cross_mask [B, N]: fed to
+    a step graph that has that input (0 on each row's memory, -inf on its padding)."""
     B = cross_k.shape[1]
     self_k = np.zeros((cache["layers"], B, cache["heads"], 0, cache["head_dim"]), np.float32)
     self_v = self_k
@@ -39,8 +42,11 @@ def greedy(step, cross_k: np.ndarray, cross_v: np.ndarray, cache: dict, max_len:
     length = 0
     for t in range(max_len):
         stop_if_asked(should_stop)
-        logits, self_k, self_v = step({"tokens": tokens, "cross_k": cross_k, "cross_v": cross_v,
-                                       "self_k": self_k, "self_v": self_v})
+        feeds = {"tokens": tokens, "cross_k": cross_k, "cross_v": cross_v, "self_k": self_k,
+                 "self_v": self_v}
+        if cross_mask is not None:
+            feeds["cross_mask"] = cross_mask
+        logits, self_k, self_v = step(feeds)
         tokens = mask_pad_bos(logits, bos, eos, pad).argmax(-1).astype(np.int64)
         out[rows, t] = tokens
         length = t + 1
@@ -52,6 +58,8 @@ def greedy(step, cross_k: np.ndarray, cross_v: np.ndarray, cache: dict, max_len:
             rows, tokens = rows[keep], tokens[keep]
             cross_k, cross_v = cross_k[:, keep], cross_v[:, keep]
             self_k, self_v = self_k[:, keep], self_v[:, keep]
+            if cross_mask is not None:
+                cross_mask = cross_mask[keep]
     return out[:, :length]
 
 
@@ -77,13 +85,46 @@ class OnnxModel:
         providers = ["CPUExecutionProvider"]
         self.encoder = ort.InferenceSession(os.path.join(folder, "encoder.onnx"), opts, providers=providers)
         self.step = ort.InferenceSession(os.path.join(folder, "decoder_step.onnx"), opts, providers=providers)
+        # exports from before the memory mask decode one image size per batch
+        self.masks_memory = any(i.name == "cross_mask" for i in self.step.get_inputs())
 
     def generate(self, images: np.ndarray, max_len: int | None = None,
                  should_stop: Callable[[], bool] | None = None) -> np.ndarray:
         """images float32 [B, 1, H, W] (normalized) -> ids [B, L] without BOS, EOS then PAD.
         should_stop: as in `greedy`."""
+        cross_k, cross_v = self.encoder.run(None, {"images": np.ascontiguousarray(images, np.float32)})
+        mask = np.zeros(cross_k.shape[1:2] + cross_k.shape[3:4], np.float32) if self.masks_memory else None
+        return self._greedy(cross_k, cross_v, mask, max_len, should_stop)
+
+    def generate_sizes(self, images: list[np.ndarray], max_len: int | None = None,
+                       should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+        """Images float32 [1, H, W] (normalized) of several sizes -> ids [B, L], decoded as one
+        batch: each size encoded on its own, the cross keys/values padded to the longest memory
+        and the padding masked. The ids equal one-image-at-a-time decoding."""
+        if not self.masks_memory:
+            raise ValueError("this ONNX export decodes one image size per batch (exported before "
+                             "the memory mask); export it again with `python -m pix2tex.export`")
+        by_shape: dict[tuple, list[int]] = {}
+        for i, image in enumerate(images):
+            by_shape.setdefault(image.shape, []).append(i)
+        parts = {}
+        for rows in by_shape.values():
+            batch = np.ascontiguousarray(np.stack([images[i] for i in rows]), np.float32)
+            k, v = self.encoder.run(None, {"images": batch})
+            parts.update((i, (k[:, j], v[:, j])) for j, i in enumerate(rows))
+        longest = max(k.shape[2] for k, _ in parts.values())  # k: [layers, heads, N, head_dim]
+        L, H, _, d = next(iter(parts.values()))[0].shape
+        cross_k = np.zeros((L, len(images), H, longest, d), np.float32)
+        cross_v = np.zeros_like(cross_k)
+        mask = np.full((len(images), longest), -np.inf, np.float32)
+        for i, (k, v) in parts.items():
+            n = k.shape[2]
+            cross_k[:, i, :, :n], cross_v[:, i, :, :n], mask[i, :n] = k, v, 0.0
+        return self._greedy(cross_k, cross_v, mask, max_len, should_stop)
+
+    def _greedy(self, cross_k, cross_v, mask, max_len, should_stop) -> np.ndarray:
         m = self.meta
         max_len = min(max_len or m["max_seq_len"] - 1, m["max_seq_len"])
-        cross_k, cross_v = self.encoder.run(None, {"images": np.ascontiguousarray(images, np.float32)})
         return greedy(lambda feeds: self.step.run(None, feeds), cross_k, cross_v, m["cache"],
-                      max_len, m["bos"], m["eos"], m["pad"], should_stop=should_stop)
+                      max_len, m["bos"], m["eos"], m["pad"], should_stop=should_stop,
+                      cross_mask=mask)

@@ -9,8 +9,10 @@
     pix2tex formula.png folder/ - < pasted.png         # plain, --format inline|display|json
 
 Images go through `pix2tex.preprocess` (any mode, dark backgrounds, crop, scale, pad). A batch
-holds only images of one size (as in training), so a formula's result never depends on what else
-is in the batch.
+holds images of any sizes, sorted by size so that similar ones share it: each size is encoded on
+its own and the decoder reads the memories padded to one length with the padding masked, so a
+formula's result never depends on what else is in the batch (tested: the same ids as one at a
+time, in float32).
 
 Two backends. ONNX (`backend="onnx"`: a folder written by `python -m pix2tex.export`, or the
 released model's graphs in pix2tex/released/) runs with onnxruntime and never imports torch: it is
@@ -182,6 +184,7 @@ class LatexOCR:
                              f"trained with (contents differ); use that one")
         self.tokenizer = load_tokenizer(tok_path)
         self.geometry = Geometry.from_config(self.cfg)
+        self.decode_batches = 0  # decoding passes run so far (each: up to batch_size images)
 
     # --- the steps, public for the CLI and the service -----------------------------------------
 
@@ -193,7 +196,7 @@ class LatexOCR:
                   temperature: float | None = None, max_len: int | None = None,
                   should_stop: Callable[[], bool] | None = None,
                   return_complete: bool = False) -> list[str] | tuple[list[str], list[bool]]:
-        """LaTeX for preprocessed pages (None -> ""). Pages of one size go through together.
+        """LaTeX for preprocessed pages (None -> ""), `batch_size` at a time, similar sizes together.
 
         max_len: tokens per formula (None: the `max_len` given at construction, else the model's
         maximum); a formula that reaches it without its end is cut there. should_stop: asked once
@@ -201,23 +204,33 @@ class LatexOCR:
         return_complete: (texts, complete), complete[i] False where page i's formula was cut.
         """
         out, complete = [""] * len(pages), [True] * len(pages)
+        todo = sorted((i for i, page in enumerate(pages) if page is not None),
+                      key=lambda i: (pages[i].size, pages[i].shape))  # little padding per batch
         groups = defaultdict(list)
-        for i, page in enumerate(pages):
-            if page is not None:
-                groups[page.shape].append(i)
+        for i in todo:  # one group, or one per size where the model cannot mix sizes
+            groups[True if self.mixes_sizes else pages[i].shape].append(i)
         for idx in groups.values():
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start:start + self.batch_size]
-                ids = self._generate(np.stack([pages[i] for i in chunk]), beam_width, temperature,
+                ids = self._generate([pages[i] for i in chunk], beam_width, temperature,
                                      max_len, should_stop)
                 ended = (ids == self.cfg.eos_token).any(axis=1)  # a row without EOS hit max_len
                 for i, text, end in zip(chunk, self.tokenizer.decode_batch(ids.tolist()), ended):
                     out[i], complete[i] = text, bool(end)
         return (out, complete) if return_complete else out
 
-    def _generate(self, pages: np.ndarray, beam_width, temperature, max_len=None,
+    @property
+    def mixes_sizes(self) -> bool:
+        """Whether one decoding batch may hold several image sizes (an ONNX export from before
+        the memory mask cannot)."""
+        return self.backend == "torch" or self.model.masks_memory
+
+    def _generate(self, pages: list[np.ndarray], beam_width, temperature, max_len=None,
                   should_stop=None) -> np.ndarray:
-        images = normalize(pages)  # [B, 1, H, W]
+        """Ids [B, L] of pages (uint8 [H, W]) of one or several sizes."""
+        self.decode_batches += 1
+        one_size = len({page.shape for page in pages}) == 1
+        images = normalize(np.stack(pages)) if one_size else [normalize(p[None])[0] for p in pages]
         beam_width = self.beam_width if beam_width is None else beam_width
         temperature = self.temperature if temperature is None else temperature
         max_len = self.max_len if max_len is None else max_len
@@ -225,13 +238,22 @@ class LatexOCR:
             if beam_width > 1 or temperature > 0:
                 raise ValueError("the ONNX backend decodes greedily only; use backend='torch' for "
                                  "beam search or sampling")
-            return self.model.generate(images, max_len=max_len, should_stop=should_stop)
+            if one_size:
+                return self.model.generate(images, max_len=max_len, should_stop=should_stop)
+            return self.model.generate_sizes(images, max_len=max_len, should_stop=should_stop)
         import torch
 
         with torch.inference_mode():
-            ids = self.model.generate(torch.from_numpy(images).to(self.device), max_len=max_len,
-                                      temperature=temperature, beam_width=beam_width,
-                                      precision=self.precision, should_stop=should_stop)
+            memory = mask = None
+            if one_size:
+                images = torch.from_numpy(images).to(self.device)
+            else:
+                memory, mask = self.model.encode_sizes(
+                    [torch.from_numpy(x).to(self.device) for x in images], self.precision)
+                images = None
+            ids = self.model.generate(images, max_len=max_len, temperature=temperature,
+                                      beam_width=beam_width, precision=self.precision,
+                                      should_stop=should_stop, memory=memory, memory_mask=mask)
         return ids.cpu().numpy()
 
     # --- the API -----------------------------------------------------------------------------

@@ -10,8 +10,8 @@
 
 Requests are decoded and preprocessed on a small thread pool, then wait in one bounded queue for
 the inference thread, which takes whatever is waiting (up to `max_batch`) and runs it together:
-concurrent requests of the same page size share a forward pass (pages of other sizes run as their
-own batch, as in `LatexOCR.recognize`: a result never depends on the other requests). Limits, each
+concurrent requests share one decoding pass whatever their page sizes (`LatexOCR.recognize`: each
+size encoded on its own, the padding masked, so a result never depends on the other requests). Limits, each
 answered with a message: body larger than `max_upload_bytes` -> 413, image over `max_pixels` ->
 413, not an image -> 422, queue full -> 503, no answer within `timeout` seconds -> 504, a formula
 without its end within `max_tokens` tokens (None: the model's maximum length) -> 422 (a cut
@@ -129,6 +129,7 @@ class InferenceQueue:
             items = [it for it in items if not it.fut.done() and it.deadline > now]  # timed out already
             if not items:
                 continue
+            passes = self.model.decode_batches
             try:
                 texts, complete = self.model.recognize(
                     [it.page for it in items], max_len=self.limits.max_tokens,
@@ -142,7 +143,7 @@ class InferenceQueue:
                 results = [(None, e)] * len(items)
             self.batches += 1
             self.pages += len(items)
-            self.forward_passes += len({it.page.shape for it in items})
+            self.forward_passes += self.model.decode_batches - passes
             for it, (text, err) in zip(items, results):
                 it.loop.call_soon_threadsafe(_settle, it.fut, text, err)
 

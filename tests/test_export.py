@@ -80,6 +80,19 @@ def test_greedy_ids_equal_pytorch_on_rendered_formulas(torch_ocr, onnx_ocr, form
     assert max(len(g) for g in groups.values()) >= 2  # some batches hold several images
 
 
+def test_mixed_sizes_decode_as_one_batch_with_the_ids_of_single_images(torch_ocr, onnx_ocr, formulas):
+    from pix2tex.preprocess import normalize
+
+    pages = [torch_ocr.preprocess(path) for path in formulas[:16]]
+    assert len({p.shape for p in pages}) >= 3 and onnx_ocr.model.masks_memory
+    together = onnx_ocr.model.generate_sizes([normalize(p[None])[0] for p in pages])
+    for page, ids in zip(pages, together):
+        alone = torch_ocr.model.generate(torch.from_numpy(normalize(page[None])),
+                                         precision="fp32")[0].numpy()
+        np.testing.assert_array_equal(ids[:len(alone)], alone)
+        assert (ids[len(alone):] == 0).all()
+
+
 def test_pad_and_bos_are_never_output_even_where_they_score_highest(torch_ocr, exported, formulas,
                                                                     tmp_path):
     """A copy of the model whose logits put PAD and BOS far ahead at every step: both backends

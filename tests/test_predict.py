@@ -88,6 +88,24 @@ def test_batch_equals_single_calls(ocr, images):
     assert len(set(single)) > 1  # the model tells the formulas apart (not one constant answer)
 
 
+def test_mixed_sizes_share_a_decoding_pass_and_get_the_ids_of_single_images(ocr, tiny_model):
+    """Each size is encoded on its own and the padded memories are masked, so batch-mates of
+    other sizes change nothing (float32: the same ids)."""
+    paths = list(tiny_model.images) + sorted(Path(tiny_model.data.val_images).glob("*.png"))
+    pages = [ocr.preprocess(p) for p in paths]
+    assert len({p.shape for p in pages}) >= 3
+    single = [ocr._generate([p], 1, 0.0)[0] for p in pages]
+    mixed = ocr._generate(pages[:ocr.batch_size], 1, 0.0)
+    for alone, together in zip(single, mixed):
+        np.testing.assert_array_equal(together[:len(alone)], alone)
+        assert (together[len(alone):] == 0).all()  # PAD after the row's end
+    before = ocr.decode_batches
+    texts = ocr.recognize(pages)
+    assert ocr.decode_batches - before == -(-len(pages) // ocr.batch_size)
+    assert texts == [ocr.tokenizer.decode(ids) for ids in single]
+    assert len(set(texts)) > 3
+
+
 def test_beam_search_option(ocr, images):
     beam = ocr(images[0], beam_width=3)
     assert isinstance(beam, str) and beam

@@ -11,7 +11,9 @@ cross-attention, feed-forward) with the cache as explicit tensors:
     decode_step(tokens [B], pos, cross_k, cross_v, self_k, self_v) -> (logits [B, V], k_new, v_new)
 
 `cross_k/cross_v` [Lc, B, H, N, d] are the cross-attention keys/values of the encoder memory,
-computed once per image (`cross_kv`). `self_k/self_v` [La, B, H, T, d] hold the self-attention
+computed once per image (`cross_kv`). Images of different sizes share a batch with their memories
+padded to the longest: `cross_mask` [B, 1, 1, N] (0 where a row's memory is, -inf on its padding)
+keeps each row's attention on its own image. `self_k/self_v` [La, B, H, T, d] hold the self-attention
 keys/values of earlier positions: either buffers the step writes position `pos` into (generation,
 no copying) or exactly the past (then the step appends, for a functional graph such as an ONNX
 export). The lean step covers the decoder options in LEAN_DECODER_ARGS; any other `decoder_args`
@@ -141,10 +143,11 @@ class CustomARWrapper(AutoregressiveWrapper):
     is x-transformers' training loss; `generate` decodes as LaTeX-OCR's did, KV-cached."""
 
     def start(self, memory: torch.Tensor, max_len: int, beams: int = 1, precision: str = "fp32",
-              cache_dtype: torch.dtype | None = None):
-        """Decoding state for `memory` [B, N, dim]: x-transformers' own KV cache, which serves any
-        decoder configuration (LatexDecoder has a faster one)."""
-        return XTransformersState(self, memory, beams)
+              cache_dtype: torch.dtype | None = None, memory_mask: torch.Tensor | None = None):
+        """Decoding state for `memory` [B, N, dim] (and `memory_mask` [B, N], True where a row's
+        memory is): x-transformers' own KV cache, which serves any decoder configuration
+        (LatexDecoder has a faster one)."""
+        return XTransformersState(self, memory, beams, memory_mask)
 
     @torch.no_grad()
     def generate(self, start_tokens: torch.Tensor, seq_len: int = 256, eos_token: int | None = None,
@@ -350,12 +353,13 @@ class LatexDecoder(CustomARWrapper):
 
     def decode_step(self, tokens: torch.Tensor, pos: int, cross_k: torch.Tensor,
                     cross_v: torch.Tensor, self_k: torch.Tensor, self_v: torch.Tensor,
-                    weights: dict, inplace: bool = True):
+                    weights: dict, inplace: bool = True, cross_mask: torch.Tensor | None = None):
         """One decoder position for a batch.
 
         tokens [B]: the token at position `pos` (BOS at 0). inplace=True: self_k/self_v are buffers
         with room for position `pos`, which this step writes (earlier positions already there).
         inplace=False: self_k/self_v hold exactly positions 0..pos-1 and are not modified.
+        cross_mask [B, 1, 1, N] (additive, in the caches' dtype): memories padded to one length.
         Returns logits [B, V] for position pos+1 and this position's keys/values [La, B, H, 1, d].
         """
         B = tokens.shape[0]
@@ -383,7 +387,8 @@ class LatexDecoder(CustomARWrapper):
             elif kind == "c":
                 H = blk["heads"]
                 q = _linear(h, blk["w_q"]).view(B, 1, H, -1).transpose(1, 2)
-                out = F.scaled_dot_product_attention(q.to(cross_k.dtype), cross_k[c], cross_v[c])
+                out = F.scaled_dot_product_attention(q.to(cross_k.dtype), cross_k[c], cross_v[c],
+                                                     attn_mask=cross_mask)
                 c += 1
             if kind in "ac":
                 out = out.transpose(1, 2).reshape(B, 1, -1).to(mm)
@@ -404,12 +409,13 @@ class LatexDecoder(CustomARWrapper):
         return logits, torch.stack(new_k), torch.stack(new_v)
 
     def start(self, memory: torch.Tensor, max_len: int, beams: int = 1, precision: str = "fp32",
-              cache_dtype: torch.dtype | None = None):
+              cache_dtype: torch.dtype | None = None, memory_mask: torch.Tensor | None = None):
         """Decoding state for `memory` [B, N, dim], each image repeated `beams` times (rows
-        b*beams ... b*beams+beams-1), with room for `max_len` positions."""
+        b*beams ... b*beams+beams-1), with room for `max_len` positions. memory_mask [B, N]
+        (bool, True where a row's memory is): memories of several lengths padded to one."""
         if self.lean:
-            return LeanState(self, memory, max_len, beams, precision, cache_dtype)
-        return super().start(memory, max_len, beams, precision, cache_dtype)
+            return LeanState(self, memory, max_len, beams, precision, cache_dtype, memory_mask)
+        return super().start(memory, max_len, beams, precision, cache_dtype, memory_mask)
 
 
 def get_decoder(cfg) -> LatexDecoder:
@@ -421,16 +427,27 @@ def get_decoder(cfg) -> LatexDecoder:
                         bias=bool(cfg.get("decoder_bias", False)))
 
 
+def additive_mask(memory_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, N] bool (True where a row's memory is) -> [B, 1, 1, N] additive attention mask: 0 there,
+    -inf on the padding."""
+    mask = torch.zeros(memory_mask.shape, dtype=dtype, device=memory_mask.device)
+    return mask.masked_fill(~memory_mask.bool(), float("-inf"))[:, None, None, :]
+
+
 class LeanState:
     """Preallocated KV cache + decode_step: step(tokens) -> float logits; select(rows)."""
 
     def __init__(self, decoder: LatexDecoder, memory: torch.Tensor, max_len: int, beams: int,
-                 precision: str, cache_dtype: torch.dtype | None = None):
+                 precision: str, cache_dtype: torch.dtype | None = None,
+                 memory_mask: torch.Tensor | None = None):
         self.decoder, self.weights = decoder, decoder.step_weights(precision, cache_dtype)
         self.cross_k, self.cross_v = decoder.cross_kv(memory, self.weights)
+        self.cross_mask = None if memory_mask is None else additive_mask(memory_mask, self.cross_k.dtype)
         if beams > 1:  # the encoder and the cross keys/values ran once per image
             self.cross_k = self.cross_k.repeat_interleave(beams, dim=1)
             self.cross_v = self.cross_v.repeat_interleave(beams, dim=1)
+            if self.cross_mask is not None:
+                self.cross_mask = self.cross_mask.repeat_interleave(beams, dim=0)
         La = sum(b["kind"] == "a" for b in self.weights["blocks"])
         _, B, H, _, d = self.cross_k.shape
         self.self_k = self.cross_k.new_empty(La, B, H, max_len, d)
@@ -439,7 +456,8 @@ class LeanState:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         logits, _, _ = self.decoder.decode_step(tokens, self.pos, self.cross_k, self.cross_v,
-                                                self.self_k, self.self_v, self.weights)
+                                                self.self_k, self.self_v, self.weights,
+                                                cross_mask=self.cross_mask)
         self.pos += 1
         return logits.float()
 
@@ -448,6 +466,8 @@ class LeanState:
         images in the same positions (beam reordering): the cross cache is unchanged then."""
         if cross:
             self.cross_k, self.cross_v = self.cross_k[:, rows], self.cross_v[:, rows]
+            if self.cross_mask is not None:
+                self.cross_mask = self.cross_mask[rows]
         k = self.self_k.new_empty(self.self_k.shape[0], len(rows), *self.self_k.shape[2:])
         v = torch.empty_like(k)
         k[:, :, :, :self.pos] = self.self_k[:, rows, :, :self.pos]
@@ -458,21 +478,27 @@ class LeanState:
 class XTransformersState:
     """x-transformers' own KV-cached path, for decoder_args the lean step does not cover."""
 
-    def __init__(self, decoder: CustomARWrapper, memory: torch.Tensor, beams: int):
+    def __init__(self, decoder: CustomARWrapper, memory: torch.Tensor, beams: int,
+                 memory_mask: torch.Tensor | None = None):
         self.net = decoder.net
         self.memory = memory.repeat_interleave(beams, dim=0) if beams > 1 else memory
+        self.memory_mask = memory_mask
+        if memory_mask is not None and beams > 1:
+            self.memory_mask = memory_mask.repeat_interleave(beams, dim=0)
         self.seq = None
         self.cache = None
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = tokens[:, None]
         self.seq = tokens if self.seq is None else torch.cat([self.seq, tokens], dim=1)
-        logits, self.cache = self.net(self.seq, context=self.memory, cache=self.cache,
-                                      return_intermediates=True)
+        logits, self.cache = self.net(self.seq, context=self.memory, context_mask=self.memory_mask,
+                                      cache=self.cache, return_intermediates=True)
         return logits[:, -1].float()
 
     def select(self, rows: torch.Tensor, cross: bool = True) -> None:
         self.memory, self.seq = self.memory[rows], self.seq[rows]
+        if self.memory_mask is not None:
+            self.memory_mask = self.memory_mask[rows]
         for inter in self.cache.attn_intermediates:
             if inter.cached_kv is not None:
                 inter.cached_kv = [t[rows] for t in inter.cached_kv]

@@ -4,6 +4,8 @@
     memory = model.encode(images)                  # [B, N, dim]
     logits = model.logits(images, tgt_in)          # [B, T, V]; memory=... skips the encoder
     ids = model.generate(images, beam_width=5)     # [B, L] without BOS, EOS then PAD
+    memory, mask = model.encode_sizes([img_a, img_b])  # images of different sizes ...
+    ids = model.generate(memory=memory, memory_mask=mask)  # ... decoded as one batch
 
 Generation runs the encoder once per image, then the decoder's KV-cached step. Inference
 (`inference_precision`) runs the encoder through a frozen copy (weight standardization folded into
@@ -184,11 +186,33 @@ class Model(nn.Module):
         return self._inference_encoder(dtype)(x).float()
 
     @torch.inference_mode()
+    def encode_sizes(self, images: list[torch.Tensor],
+                     precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [C, H, W] of any sizes -> (memory [B, N, dim], memory_mask [B, N]): each size
+        encoded as its own batch (an image's encoding never sees another's padding), the
+        memories padded with zeros to the longest, the mask True where a row's own memory is."""
+        by_shape: dict[tuple, list[int]] = {}
+        for i, image in enumerate(images):
+            by_shape.setdefault(tuple(image.shape), []).append(i)
+        parts = {}
+        for rows in by_shape.values():
+            memory = self.encode_for_inference(torch.stack([images[i] for i in rows]), precision)
+            parts.update(zip(rows, memory))
+        longest = max(m.shape[0] for m in parts.values())
+        memory = parts[0].new_zeros(len(images), longest, parts[0].shape[-1])
+        mask = torch.zeros(len(images), longest, dtype=torch.bool, device=memory.device)
+        for i, m in parts.items():
+            memory[i, :m.shape[0]] = m
+            mask[i, :m.shape[0]] = True
+        return memory, mask
+
+    @torch.inference_mode()
     def generate(self, images: torch.Tensor | None = None, max_len: int | None = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, beam_width: int = 1,
                  length_penalty: float = 1.0, memory: torch.Tensor | None = None, min_len: int = 0,
                  precision: str | None = None, generator: torch.Generator | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+                 should_stop: Callable[[], bool] | None = None,
+                 memory_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids [B, L] without BOS; each row ends at its EOS, PAD after it.
 
         temperature 0: greedy; >0: sampling (with top_k / top_p filtering). beam_width > 1: beam
@@ -196,7 +220,8 @@ class Model(nn.Module):
         before that many tokens (min_len = max_len forces exactly max_len tokens, for benchmarks).
         precision: fp32 | bf16 | int8 (CPU: dynamic int8 decoder linears) | auto (default: the
         model's inference_precision). should_stop: asked before each decoding step; True stops the
-        decode with pix2tex.cancel.DecodeCancelled (a caller's time limit).
+        decode with pix2tex.cancel.DecodeCancelled (a caller's time limit). memory_mask [B, N]:
+        with `memory` from `encode_sizes`, images of several sizes in one batch.
         """
         max_len = min(max_len or self.max_seq_len - 1, self.max_seq_len)
         was_training = self.training
@@ -209,7 +234,8 @@ class Model(nn.Module):
             B = memory.shape[0]
             # int8: the KV caches and attention in bf16 where that is fast (encoder_dtype)
             state = self.decoder.start(memory, max_len, beams=max(beam_width, 1),
-                                       precision=precision, cache_dtype=encoder_dtype(precision))
+                                       precision=precision, cache_dtype=encoder_dtype(precision),
+                                       memory_mask=memory_mask)
             if beam_width > 1:
                 return beam_search(state, B, beam_width, max_len, self.bos, self.eos, self.pad,
                                    length_penalty=length_penalty, min_len=min_len, device=device,
