@@ -20,6 +20,9 @@ decoding loop asks once per step whether every request of its batch has timed ou
 latest deadline has passed) and then stops (pix2tex.cancel), so the inference thread goes on with
 the next batch within a step instead of decoding a runaway formula to its end. A failed request
 never stops the service.
+
+Scaling out: `--workers N` runs N service processes behind one port (uvicorn's workers; the kernel
+hands each new connection to one of them), each with its own model and cores // N threads.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ require("serve", __name__)  # first: without the serve extra, say what to instal
 
 import argparse
 import asyncio
+import json
 import os
 import queue
 import threading
@@ -291,7 +295,7 @@ def create_app(model, limits: Limits | None = None):
     @app.get("/health")
     async def health():
         # the model's file name, not its path: a public endpoint does not show the server's folders
-        return {"status": "ok", "backend": model.backend,
+        return {"status": "ok", "backend": model.backend, "pid": os.getpid(),
                 "model": os.path.basename(os.path.normpath(model.checkpoint)),
                 "queued": inference.q.qsize(), "batches": inference.batches, "pages": inference.pages,
                 "forward_passes": inference.forward_passes, "cancelled": inference.cancelled,
@@ -304,12 +308,8 @@ def create_app(model, limits: Limits | None = None):
     return LimitBody(app, limits.max_upload_bytes)
 
 
-def main(argv: list[str] | None = None) -> None:
-    import sys
-
-    import uvicorn
-
-    from pix2tex.predict import BACKENDS, LatexOCR, quiet_third_party_warnings
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from pix2tex.predict import BACKENDS
 
     d = Limits()
     p = argparse.ArgumentParser(prog="pix2tex-serve", description="HTTP service: image of a formula -> LaTeX.")
@@ -323,7 +323,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--beam", type=int, default=1, help="beam width (1: greedy)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8502)
-    p.add_argument("--threads", type=int, default=None, help="torch/onnxruntime CPU threads")
+    p.add_argument("--workers", type=int, default=1,
+                   help="service processes behind the port, each with its own model")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch/onnxruntime CPU threads per process (default: cores / workers)")
     p.add_argument("--max-upload-bytes", type=int, default=d.max_upload_bytes)
     p.add_argument("--max-pixels", type=int, default=d.max_pixels)
     p.add_argument("--max-files", type=int, default=d.max_files)
@@ -337,20 +340,60 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait * 1000)
     p.add_argument("--max-connections", type=int, default=256, help="more concurrent connections get 503")
     a = p.parse_args(argv)
-    quiet_third_party_warnings()
+    if a.workers < 1:
+        p.error(f"--workers {a.workers}: need at least 1")
+    if a.threads is None and a.workers > 1:
+        a.threads = max(1, (os.cpu_count() or 1) // a.workers)  # processes x threads <= cores
+    return a
+
+
+def app_from_args(a: argparse.Namespace):
+    """Load the model `a` names and build the app (LatexOCR's errors propagate)."""
+    from pix2tex.predict import LatexOCR
+
     limits = Limits(max_upload_bytes=a.max_upload_bytes, max_pixels=a.max_pixels, max_files=a.max_files,
                     timeout=a.timeout, max_tokens=a.max_tokens, queue_size=a.queue_size,
                     max_batch=a.max_batch, batch_wait=a.batch_wait_ms / 1000)
-    try:
-        model = LatexOCR(a.checkpoint, config=a.config, tokenizer=a.tokenizer, device=a.device,
-                         backend=a.backend, beam_width=a.beam, batch_size=a.max_batch, threads=a.threads)
+    model = LatexOCR(a.checkpoint, config=a.config, tokenizer=a.tokenizer, device=a.device,
+                     backend=a.backend, beam_width=a.beam, batch_size=a.max_batch, threads=a.threads)
+    return create_app(model, limits), model
+
+
+WORKER_ARGS = "PIX2TEX_SERVE_ARGS"  # the parsed command line, for each worker process
+
+
+def worker_app():
+    """The app of one `--workers` process: uvicorn imports and calls this factory in each."""
+    from pix2tex.predict import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
+    return app_from_args(argparse.Namespace(**json.loads(os.environ[WORKER_ARGS])))[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    import uvicorn
+
+    from pix2tex.predict import quiet_third_party_warnings
+
+    a = parse_args(argv)
+    quiet_third_party_warnings()
+    try:  # in this process first, also with workers: a bad checkpoint stops here, with its reason
+        app, model = app_from_args(a)
     except Exception as e:
         print(f"pix2tex-serve: error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"pix2tex-serve: model {model.checkpoint} ({a.backend}) loaded; http://{a.host}:{a.port}/",
+    print(f"pix2tex-serve: model {model.checkpoint} ({model.backend}) loaded; "
+          f"http://{a.host}:{a.port}/" + (f" ({a.workers} workers)" if a.workers > 1 else ""),
           file=sys.stderr)
-    uvicorn.run(create_app(model, limits), host=a.host, port=a.port, limit_concurrency=a.max_connections,
-                log_level="warning")
+    run = dict(host=a.host, port=a.port, limit_concurrency=a.max_connections, log_level="warning")
+    if a.workers == 1:
+        uvicorn.run(app, **run)
+        return
+    del app, model  # each worker loads its own
+    os.environ[WORKER_ARGS] = json.dumps(vars(a))
+    uvicorn.run("pix2tex.serve:worker_app", factory=True, workers=a.workers, **run)
 
 
 if __name__ == "__main__":

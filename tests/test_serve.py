@@ -5,7 +5,9 @@ import concurrent.futures
 import http.client
 import io
 import json
+import os
 import shutil
+import signal
 import socket
 import struct
 import threading
@@ -436,6 +438,46 @@ def test_page_shows_errors_and_keeps_working(browser, server, ocr, images, tmp_p
     browser.find_element(By.ID, "file").send_keys(str(images[2]))
     assert wait_for_state(browser, ("done",)) == "done"
     assert browser.find_element(By.ID, "latex").get_attribute("value") == ocr(images[2])
+
+
+def test_workers_serve_behind_one_port(tiny_model, ocr, images):
+    """`pix2tex-serve --workers 2`: two service processes, each with its model, behind one port."""
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pix2tex.serve", "--checkpoint",
+                             str(tiny_model.checkpoint), "--port", str(port), "--workers", "2"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300  # three processes load torch and the model
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                health = request(port, "GET", "/health", timeout=5)[1]
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the workers did not answer within 300 s"
+                time.sleep(0.2)
+        children = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+        workers = [int(pid) for pid in children  # uvicorn's worker processes (multiprocessing)
+                   if "spawn_main" in open(f"/proc/{pid}/cmdline").read()]
+        assert len(workers) == 2 and health["pid"] in workers
+        jobs = [images[i % len(images)] for i in range(12)]
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda p: post_image(port, p.read_bytes()), jobs))
+        assert [body["latex"] for _, body, _ in answers] == [ocr(p) for p in jobs]
+    finally:
+        proc.terminate()  # a worker still loading its model exits once it has loaded
+        try:
+            proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the workers too
+            raise
 
 
 def test_serve_command_refuses_a_missing_checkpoint(tmp_path, capsys):
