@@ -25,8 +25,9 @@ META = "pix2tex_onnx.json"
 
 def greedy(step, cross_k: np.ndarray, cross_v: np.ndarray, cache: dict, max_len: int, bos: int,
            eos: int, pad: int, should_stop: Callable[[], bool] | None = None,
-           cross_mask: np.ndarray | None = None) -> np.ndarray:
-    """Greedy decoding from BOS -> ids [B, L] without BOS, each row ending at its EOS, then PAD.
+           cross_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy decoding from BOS -> (ids [B, L] without BOS, each row ending at its EOS, then PAD;
+    each row's sequence log-probability [B], as models/generate.py's `sample`).
 
     `step(feeds) -> (logits [B, V], self_k_out, self_v_out)` runs decoder_step.onnx on feeds named
     as its inputs; `cross_k`, `cross_v` are the encoder graph's outputs; `cache` the geometry
@@ -39,6 +40,7 @@ def greedy(step, cross_k: np.ndarray, cross_v: np.ndarray, cache: dict, max_len:
     out = np.full((B, max_len), pad, np.int64)
     rows = np.arange(B)  # original row of each active row
     tokens = np.full(B, bos, np.int64)
+    logprob = np.zeros(B, np.float64)
     length = 0
     for t in range(max_len):
         stop_if_asked(should_stop)
@@ -47,8 +49,11 @@ def greedy(step, cross_k: np.ndarray, cross_v: np.ndarray, cache: dict, max_len:
         if cross_mask is not None:
             feeds["cross_mask"] = cross_mask
         logits, self_k, self_v = step(feeds)
-        tokens = mask_pad_bos(logits, bos, eos, pad).argmax(-1).astype(np.int64)
+        logits = mask_pad_bos(logits, bos, eos, pad)
+        tokens = logits.argmax(-1).astype(np.int64)
         out[rows, t] = tokens
+        top = logits[np.arange(len(tokens)), tokens].astype(np.float64)  # the row's maximum
+        logprob[rows] -= np.log(np.exp(logits - top[:, None]).sum(-1))  # log softmax at the argmax
         length = t + 1
         done = tokens == eos
         if done.any():
@@ -60,7 +65,7 @@ def greedy(step, cross_k: np.ndarray, cross_v: np.ndarray, cache: dict, max_len:
             self_k, self_v = self_k[:, keep], self_v[:, keep]
             if cross_mask is not None:
                 cross_mask = cross_mask[keep]
-    return out[:, :length]
+    return out[:, :length], logprob
 
 
 class OnnxModel:
@@ -89,18 +94,22 @@ class OnnxModel:
         self.masks_memory = any(i.name == "cross_mask" for i in self.step.get_inputs())
 
     def generate(self, images: np.ndarray, max_len: int | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> np.ndarray:
-        """images float32 [B, 1, H, W] (normalized) -> ids [B, L] without BOS, EOS then PAD.
-        should_stop: as in `greedy`."""
+                 should_stop: Callable[[], bool] | None = None,
+                 return_logprob: bool = False):
+        """images float32 [B, 1, H, W] (normalized) -> ids [B, L] without BOS, EOS then PAD (and
+        with return_logprob each row's sequence log-probability). should_stop: as in `greedy`."""
         cross_k, cross_v = self.encoder.run(None, {"images": np.ascontiguousarray(images, np.float32)})
         mask = np.zeros(cross_k.shape[1:2] + cross_k.shape[3:4], np.float32) if self.masks_memory else None
-        return self._greedy(cross_k, cross_v, mask, max_len, should_stop)
+        ids, logprob = self._greedy(cross_k, cross_v, mask, max_len, should_stop)
+        return (ids, logprob) if return_logprob else ids
 
     def generate_sizes(self, images: list[np.ndarray], max_len: int | None = None,
-                       should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+                       should_stop: Callable[[], bool] | None = None,
+                       return_logprob: bool = False):
         """Images float32 [1, H, W] (normalized) of several sizes -> ids [B, L], decoded as one
         batch: each size encoded on its own, the cross keys/values padded to the longest memory
-        and the padding masked. The ids equal one-image-at-a-time decoding."""
+        and the padding masked. The ids equal one-image-at-a-time decoding. return_logprob: as in
+        `generate`."""
         if not self.masks_memory:
             raise ValueError("this ONNX export decodes one image size per batch (exported before "
                              "the memory mask); export it again with `python -m pix2tex.export`")
@@ -120,9 +129,10 @@ class OnnxModel:
         for i, (k, v) in parts.items():
             n = k.shape[2]
             cross_k[:, i, :, :n], cross_v[:, i, :, :n], mask[i, :n] = k, v, 0.0
-        return self._greedy(cross_k, cross_v, mask, max_len, should_stop)
+        ids, logprob = self._greedy(cross_k, cross_v, mask, max_len, should_stop)
+        return (ids, logprob) if return_logprob else ids
 
-    def _greedy(self, cross_k, cross_v, mask, max_len, should_stop) -> np.ndarray:
+    def _greedy(self, cross_k, cross_v, mask, max_len, should_stop) -> tuple[np.ndarray, np.ndarray]:
         m = self.meta
         max_len = min(max_len or m["max_seq_len"] - 1, m["max_seq_len"])
         return greedy(lambda feeds: self.step.run(None, feeds), cross_k, cross_v, m["cache"],

@@ -31,7 +31,7 @@ import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -46,6 +46,15 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "pix2te
 RELEASED_ONNX = Path(__file__).resolve().parent / "released"
 BACKENDS = ("auto", "onnx", "torch")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+class Reading(NamedTuple):
+    """What the model read from one image."""
+    latex: str
+    complete: bool  # False: cut at the token limit without the formula's end
+    # the answer's sequence log-probability (sum of log p over its tokens, its end included; 0 is
+    # certain, lower is less sure); None for a blank image
+    confidence: float | None
 
 
 class ModelNotFound(FileNotFoundError):
@@ -192,18 +201,17 @@ class LatexOCR:
         """The page the model sees (uint8 HxW), or None for an image without ink."""
         return preprocess(image, self.geometry, max_pixels=max_pixels or self.max_pixels)
 
-    def recognize(self, pages: list[np.ndarray | None], beam_width: int | None = None,
-                  temperature: float | None = None, max_len: int | None = None,
-                  should_stop: Callable[[], bool] | None = None,
-                  return_complete: bool = False) -> list[str] | tuple[list[str], list[bool]]:
-        """LaTeX for preprocessed pages (None -> ""), `batch_size` at a time, similar sizes together.
+    def read(self, pages: list[np.ndarray | None], beam_width: int | None = None,
+             temperature: float | None = None, max_len: int | None = None,
+             should_stop: Callable[[], bool] | None = None) -> list[Reading]:
+        """A `Reading` of each preprocessed page (None: a blank one, read as ""), `batch_size`
+        pages per decoding pass, similar sizes together.
 
         max_len: tokens per formula (None: the `max_len` given at construction, else the model's
-        maximum); a formula that reaches it without its end is cut there. should_stop: asked once
-        per decoding step; True raises pix2tex.cancel.DecodeCancelled (no results). With
-        return_complete: (texts, complete), complete[i] False where page i's formula was cut.
-        """
-        out, complete = [""] * len(pages), [True] * len(pages)
+        maximum); a formula that reaches it without its end is cut there (`complete` False).
+        should_stop: asked once per decoding step; True raises pix2tex.cancel.DecodeCancelled (no
+        results)."""
+        out = [Reading("", True, None)] * len(pages)
         todo = sorted((i for i, page in enumerate(pages) if page is not None),
                       key=lambda i: (pages[i].size, pages[i].shape))  # little padding per batch
         groups = defaultdict(list)
@@ -212,12 +220,22 @@ class LatexOCR:
         for idx in groups.values():
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start:start + self.batch_size]
-                ids = self._generate([pages[i] for i in chunk], beam_width, temperature,
-                                     max_len, should_stop)
+                ids, logprob = self._generate([pages[i] for i in chunk], beam_width, temperature,
+                                              max_len, should_stop)
                 ended = (ids == self.cfg.eos_token).any(axis=1)  # a row without EOS hit max_len
-                for i, text, end in zip(chunk, self.tokenizer.decode_batch(ids.tolist()), ended):
-                    out[i], complete[i] = text, bool(end)
-        return (out, complete) if return_complete else out
+                texts = self.tokenizer.decode_batch(ids.tolist())
+                for i, text, end, lp in zip(chunk, texts, ended, logprob):
+                    out[i] = Reading(text, bool(end), round(float(lp), 4))
+        return out
+
+    def recognize(self, pages: list[np.ndarray | None], beam_width: int | None = None,
+                  temperature: float | None = None, max_len: int | None = None,
+                  should_stop: Callable[[], bool] | None = None,
+                  return_complete: bool = False) -> list[str] | tuple[list[str], list[bool]]:
+        """LaTeX for preprocessed pages, as `read` (with return_complete: (texts, complete))."""
+        readings = self.read(pages, beam_width, temperature, max_len, should_stop)
+        texts = [r.latex for r in readings]
+        return (texts, [r.complete for r in readings]) if return_complete else texts
 
     @property
     def mixes_sizes(self) -> bool:
@@ -226,8 +244,9 @@ class LatexOCR:
         return self.backend == "torch" or self.model.masks_memory
 
     def _generate(self, pages: list[np.ndarray], beam_width, temperature, max_len=None,
-                  should_stop=None) -> np.ndarray:
-        """Ids [B, L] of pages (uint8 [H, W]) of one or several sizes."""
+                  should_stop=None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [B, L], sequence log-probabilities [B]) of pages (uint8 [H, W]) of one or several
+        sizes."""
         self.decode_batches += 1
         one_size = len({page.shape for page in pages}) == 1
         images = normalize(np.stack(pages)) if one_size else [normalize(p[None])[0] for p in pages]
@@ -238,9 +257,8 @@ class LatexOCR:
             if beam_width > 1 or temperature > 0:
                 raise ValueError("the ONNX backend decodes greedily only; use backend='torch' for "
                                  "beam search or sampling")
-            if one_size:
-                return self.model.generate(images, max_len=max_len, should_stop=should_stop)
-            return self.model.generate_sizes(images, max_len=max_len, should_stop=should_stop)
+            generate = self.model.generate if one_size else self.model.generate_sizes
+            return generate(images, max_len=max_len, should_stop=should_stop, return_logprob=True)
         import torch
 
         with torch.inference_mode():
@@ -251,10 +269,11 @@ class LatexOCR:
                 memory, mask = self.model.encode_sizes(
                     [torch.from_numpy(x).to(self.device) for x in images], self.precision)
                 images = None
-            ids = self.model.generate(images, max_len=max_len, temperature=temperature,
-                                      beam_width=beam_width, precision=self.precision,
-                                      should_stop=should_stop, memory=memory, memory_mask=mask)
-        return ids.cpu().numpy()
+            ids, logprob = self.model.generate(
+                images, max_len=max_len, temperature=temperature, beam_width=beam_width,
+                precision=self.precision, should_stop=should_stop, memory=memory,
+                memory_mask=mask, return_logprob=True)
+        return ids.cpu().numpy(), logprob.cpu().numpy()
 
     # --- the API -----------------------------------------------------------------------------
 
@@ -295,9 +314,11 @@ def expand_inputs(args: list[str]) -> list[str]:
     return out
 
 
-def format_result(fmt: str, name: str, latex: str, seconds: float, show_name: bool) -> str:
+def format_result(fmt: str, name: str, reading: Reading, seconds: float, show_name: bool) -> str:
+    latex = reading.latex
     if fmt == "json":
-        return json.dumps({"file": name, "latex": latex, "seconds": round(seconds, 4)})
+        return json.dumps({"file": name, "latex": latex, "confidence": reading.confidence,
+                           "complete": reading.complete, "seconds": round(seconds, 4)})
     text = {"plain": latex, "inline": f"${latex}$", "display": f"$${latex}$$"}[fmt]
     return f"{name}: {text}" if show_name else text
 
@@ -365,10 +386,10 @@ def main(argv: list[str] | None = None) -> int:
             names.append(name)
         good = [i for i, p in enumerate(pages) if p is not False]
         t0 = time.perf_counter()
-        texts = model.recognize([pages[i] for i in good])
+        readings = model.read([pages[i] for i in good])
         share = (time.perf_counter() - t0) / max(1, len(good))
-        for i, text in zip(good, texts):
-            print(format_result(args.format, names[i], text, seconds[i] + share, show_name), flush=True)
+        for i, reading in zip(good, readings):
+            print(format_result(args.format, names[i], reading, seconds[i] + share, show_name), flush=True)
     if failed:
         print(f"pix2tex: {failed} of {len(inputs)} inputs could not be read", file=sys.stderr)
         sys.exit(1)

@@ -2,8 +2,9 @@
 
     pix2tex-serve --checkpoint checkpoints/pix2tex/best.pth --port 8502
 
-    POST /predict        multipart field `file`   -> {"latex": ..., "seconds": ...}
-    POST /predict/batch  multipart fields `files` -> {"results": [{"file", "latex", "seconds"} |
+    POST /predict        multipart field `file`   -> {"latex", "confidence", "seconds"}
+    POST /predict/batch  multipart fields `files` -> {"results": [{"file", "latex", "confidence",
+                                                                   "seconds"} |
                                                                    {"file", "error", "status"}]}
     GET  /health         -> {"status": "ok", ...}
     GET  /               a page: drop, paste or pick an image; see, copy and render the LaTeX
@@ -49,6 +50,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from pix2tex.cancel import DecodeCancelled
+from pix2tex.predict import Reading
 from pix2tex.preprocess import ImageError, ImageTooLarge
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -135,11 +137,10 @@ class InferenceQueue:
                 continue
             passes = self.model.decode_batches
             try:
-                texts, complete = self.model.recognize(
-                    [it.page for it in items], max_len=self.limits.max_tokens,
-                    should_stop=_nobody_waits(items), return_complete=True)
-                results = [(t, None) if ok else (None, TooManyTokens(self.limits.max_tokens))
-                           for t, ok in zip(texts, complete)]
+                readings = self.model.read([it.page for it in items], max_len=self.limits.max_tokens,
+                                           should_stop=_nobody_waits(items))
+                results = [(r, None) if r.complete else (None, TooManyTokens(self.limits.max_tokens))
+                           for r in readings]
             except DecodeCancelled as e:
                 self.cancelled += 1
                 results = [(None, e)] * len(items)
@@ -228,10 +229,10 @@ async def recognize_upload(model, inference: "InferenceQueue", decoders: ThreadP
         page = await asyncio.wait_for(loop.run_in_executor(decoders, model.preprocess, data, limits.max_pixels),
                                       max(0.0, deadline - time.monotonic()))
         if page is None:
-            latex = ""  # a blank image: nothing to recognize
+            reading = Reading("", True, None)  # a blank image: nothing to recognize
         else:
-            latex = await asyncio.wait_for(inference.submit(page, deadline),
-                                           max(0.0, deadline - time.monotonic()))
+            reading = await asyncio.wait_for(inference.submit(page, deadline),
+                                             max(0.0, deadline - time.monotonic()))
     except ImageTooLarge as e:
         return {"file": name, "status": 413, "error": str(e)}
     except (ImageError, TooManyTokens) as e:
@@ -242,7 +243,8 @@ async def recognize_upload(model, inference: "InferenceQueue", decoders: ThreadP
         return {"file": name, "status": 504, "error": f"no result within the {limits.timeout:g} s limit"}
     except Exception as e:  # a model failure: say so, keep serving
         return {"file": name, "status": 500, "error": f"inference failed: {type(e).__name__}: {e}"}
-    return {"file": name, "latex": latex, "seconds": round(time.perf_counter() - t0, 4)}
+    return {"file": name, "latex": reading.latex, "confidence": reading.confidence,
+            "seconds": round(time.perf_counter() - t0, 4)}
 
 
 def create_app(model, limits: Limits | None = None):
@@ -279,7 +281,7 @@ def create_app(model, limits: Limits | None = None):
         if "error" in result:
             headers = {"Retry-After": "1"} if result["status"] == 503 else None
             return JSONResponse({"detail": result["error"]}, status_code=result["status"], headers=headers)
-        return {"latex": result["latex"], "seconds": result["seconds"]}
+        return {k: result[k] for k in ("latex", "confidence", "seconds")}
 
     @app.post("/predict/batch")
     async def predict_batch(files: list[UploadFile] = File(...)):

@@ -60,10 +60,11 @@ class ScriptedState:
         self.rows = self.rows[keep]
 
 
-def onnx_greedy(table: np.ndarray, max_len: int, should_stop=None) -> np.ndarray:
+def onnx_greedy(table: np.ndarray, max_len: int, should_stop=None, logprob: bool = False):
     rows = np.arange(len(table), dtype=np.float32).reshape(1, -1, 1, 1, 1)
-    return greedy(onnx_step(table), rows, rows.copy(), CACHE, max_len, BOS, EOS, PAD,
-                  should_stop=should_stop)
+    ids, lp = greedy(onnx_step(table), rows, rows.copy(), CACHE, max_len, BOS, EOS, PAD,
+                     should_stop=should_stop)
+    return (ids, lp) if logprob else ids
 
 
 def written_out(table: np.ndarray, max_len: int) -> np.ndarray:
@@ -97,12 +98,28 @@ def test_greedy_never_outputs_pad_or_bos_where_they_score_highest(ends, max_len)
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_greedy_ids_equal_generate_sample(seed):
-    """One rule for both backends: the numpy loop and the torch sampler at temperature 0."""
+def test_greedy_ids_and_logprobs_equal_generate_sample(seed):
+    """One rule for both backends: the numpy loop and the torch sampler at temperature 0, and
+    the same sequence log-probability (the answer's confidence), which is the sum written out."""
     for ends in ([1, 3, 5, None], [2, 2, 4, 0]):
         table = scripted_logits(ends, seed)
-        want = sample(ScriptedState(table), len(table), STEPS, BOS, EOS, PAD).numpy()
-        np.testing.assert_array_equal(onnx_greedy(table, STEPS), want)
+        want, want_lp = sample(ScriptedState(table), len(table), STEPS, BOS, EOS, PAD,
+                               return_logprob=True)
+        ids, lp = onnx_greedy(table, STEPS, logprob=True)
+        np.testing.assert_array_equal(ids, want.numpy())
+        np.testing.assert_allclose(lp, want_lp.numpy(), rtol=1e-5, atol=1e-6)  # float32 torch
+        by_hand = []
+        for r, row in enumerate(ids):
+            total = 0.0
+            for t, token in enumerate(row):
+                if token == PAD:
+                    break
+                scores = table[r, t].astype(np.float64)
+                scores[[PAD, BOS]] = -np.inf
+                total += scores[token] - np.log(np.exp(scores - scores.max()).sum()) - scores.max()
+            by_hand.append(total)
+        np.testing.assert_allclose(lp, by_hand, rtol=1e-5, atol=1e-6)
+        assert (lp < 0).all()
 
 
 class StopAfter:

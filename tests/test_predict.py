@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from pix2tex.predict import LatexOCR, ModelNotFound, main
-from pix2tex.preprocess import ImageError
+from pix2tex.preprocess import ImageError, normalize
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,8 +94,8 @@ def test_mixed_sizes_share_a_decoding_pass_and_get_the_ids_of_single_images(ocr,
     paths = list(tiny_model.images) + sorted(Path(tiny_model.data.val_images).glob("*.png"))
     pages = [ocr.preprocess(p) for p in paths]
     assert len({p.shape for p in pages}) >= 3
-    single = [ocr._generate([p], 1, 0.0)[0] for p in pages]
-    mixed = ocr._generate(pages[:ocr.batch_size], 1, 0.0)
+    single = [ocr._generate([p], 1, 0.0)[0][0] for p in pages]  # (ids, logprob)
+    mixed = ocr._generate(pages[:ocr.batch_size], 1, 0.0)[0]
     for alone, together in zip(single, mixed):
         np.testing.assert_array_equal(together[:len(alone)], alone)
         assert (together[len(alone):] == 0).all()  # PAD after the row's end
@@ -110,6 +110,24 @@ def test_beam_search_option(ocr, images):
     beam = ocr(images[0], beam_width=3)
     assert isinstance(beam, str) and beam
     assert ocr.batch(images[:2], beam_width=3)[0] == beam
+
+
+def test_confidence_is_the_answers_log_probability(ocr, images):
+    """`confidence` = sum of log p over the answer's tokens (its end included), by teacher
+    forcing the answer through the model; a blank page has none."""
+    import torch
+
+    page = ocr.preprocess(images[0])
+    reading = ocr.read([page, None])
+    ids = ocr.tokenizer.encode(reading[0].latex)
+    tgt = torch.tensor([[ocr.cfg.bos_token, *ids, ocr.cfg.eos_token]])
+    with torch.no_grad():
+        logits = ocr.model.logits(torch.from_numpy(normalize(page[None])), tgt[:, :-1]).float()
+    logits[..., [ocr.cfg.pad_token, ocr.cfg.bos_token]] = float("-inf")
+    want = logits.log_softmax(-1).gather(2, tgt[:, 1:, None]).sum().item()
+    assert reading[0].confidence == pytest.approx(want, abs=1e-3) and reading[0].confidence < 0
+    assert reading[1] == ("", True, None)
+    assert ocr.read([page], beam_width=3)[0].confidence == pytest.approx(want, abs=1e-3)
 
 
 def test_blank_and_tiny_images(ocr):
@@ -180,6 +198,10 @@ def test_cli_files_folder_and_formats(tiny_model, ocr, images, capsys, tmp_path)
     assert code == 0 and [Path(r["file"]).name for r in rows] == [p.name for p in images[:3]]
     assert [r["latex"] for r in rows] == ocr.batch(images[:3])
     assert all(r["seconds"] > 0 for r in rows)
+    # the answer's sequence log-probability, the same as the API's
+    assert [r["confidence"] for r in rows] == [x.confidence for x in
+                                               ocr.read([ocr.preprocess(p) for p in images[:3]])]
+    assert all(r["confidence"] < 0 and r["complete"] for r in rows)
     code, out, _ = run_cli([str(folder), *ck], capsys)  # several inputs: names shown
     assert out.splitlines()[0] == f"{folder / images[0].name}: {ocr(images[0])}"
 

@@ -167,6 +167,7 @@ def test_predict_matches_the_api(server, ocr, images):
         status, body, _ = post_image(server.port, image.read_bytes())
         assert status == 200, body
         assert body["latex"] == ocr(image) and body["seconds"] > 0
+        assert body["confidence"] == ocr.read([ocr.preprocess(image)])[0].confidence
 
 
 def test_batch_endpoint_reports_each_file(server, ocr, images, tmp_path):
@@ -393,6 +394,7 @@ def test_page_upload_shows_latex_copy_and_rendering(browser, server, ocr, images
     assert wait_for_state(browser) == "done"
     latex = browser.find_element(By.ID, "latex").get_attribute("value")
     assert latex == ocr(images[0]) and latex
+    assert "Confidence: log p = -" in browser.find_element(By.ID, "status").text
     rendered = browser.find_element(By.ID, "rendered")
     assert rendered.find_elements(By.CSS_SELECTOR, ".katex, .katex-error")  # KaTeX drew it
     # Copy: the clipboard holds the LaTeX afterwards.

@@ -4,7 +4,9 @@ A state (decoder.LeanState or decoder.XTransformersState) has `step(tokens [B]) 
 and `select(rows)`. Both decoders return token ids [B, L] without BOS: each row ends with its EOS
 and is padded with PAD after it (a row that reached max_len has no EOS); L is the longest row.
 Both ask `should_stop()` (if given) before each step and raise pix2tex.cancel.DecodeCancelled when
-it says True.
+it says True. With `return_logprob` they also return each row's sequence log-probability [B]: the
+sum over its tokens (EOS included) of log p under the model (temperature 1, PAD and BOS excluded),
+the answer's `confidence`.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 def sample(state, batch: int, max_len: int, bos: int, eos: int, pad: int, temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, min_len: int = 0, device=None,
            generator: torch.Generator | None = None, first: torch.Tensor | None = None,
-           should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+           should_stop: Callable[[], bool] | None = None, return_logprob: bool = False):
     """Greedy (temperature 0) or sampled decoding from BOS (or from the tokens `first` [B], the
     last of a longer start). A row leaves the batch at its EOS, so the remaining rows decode
     with less work."""
@@ -49,6 +51,7 @@ def sample(state, batch: int, max_len: int, bos: int, eos: int, pad: int, temper
     rows = torch.arange(batch, device=device)  # original row of each active row
     tokens = torch.full((batch,), bos, dtype=torch.long, device=device) if first is None \
         else first.to(device=device, dtype=torch.long)
+    logprob = torch.zeros(batch, device=device)
     length = 0
     for t in range(max_len):
         stop_if_asked(should_stop)
@@ -57,6 +60,8 @@ def sample(state, batch: int, max_len: int, bos: int, eos: int, pad: int, temper
             logits[:, eos] = float("-inf")
         tokens = next_tokens(logits, temperature, top_k, top_p, generator)
         out[rows, t] = tokens
+        if return_logprob:
+            logprob[rows] += logits.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
         length = t + 1
         done = tokens == eos
         if bool(done.any()):
@@ -65,12 +70,12 @@ def sample(state, batch: int, max_len: int, bos: int, eos: int, pad: int, temper
                 break
             state.select(keep)
             rows, tokens = rows[keep], tokens[keep]
-    return out[:, :length]
+    return (out[:, :length], logprob) if return_logprob else out[:, :length]
 
 
 def beam_search(state, batch: int, beam_width: int, max_len: int, bos: int, eos: int, pad: int,
                 length_penalty: float = 1.0, min_len: int = 0, device=None,
-                should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+                should_stop: Callable[[], bool] | None = None, return_logprob: bool = False):
     """Batched beam search; `state` holds batch*beam_width rows (image-major).
 
     A hypothesis is scored by sum(log p) / length**length_penalty (length counts EOS). Each step
@@ -133,7 +138,10 @@ def beam_search(state, batch: int, beam_width: int, max_len: int, bos: int, eos:
                               scores / length ** length_penalty)
     all_scores = torch.cat([fin_scores, live_scores], 1)
     best = all_scores.argmax(dim=1)
-    out = torch.cat([fin_seqs, seqs], 1)[torch.arange(batch, device=device), best]
-    lengths = torch.cat([fin_len, torch.full_like(fin_len, length)], 1)[
-        torch.arange(batch, device=device), best]
-    return out[:, :int(lengths.max())]
+    rows = torch.arange(batch, device=device)
+    out = torch.cat([fin_seqs, seqs], 1)[rows, best]
+    lengths = torch.cat([fin_len, torch.full_like(fin_len, length)], 1)[rows, best]
+    out = out[:, :int(lengths.max())]
+    if not return_logprob:
+        return out
+    return out, all_scores[rows, best] * lengths.float() ** length_penalty  # undo the penalty

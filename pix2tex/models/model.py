@@ -212,7 +212,7 @@ class Model(nn.Module):
                  length_penalty: float = 1.0, memory: torch.Tensor | None = None, min_len: int = 0,
                  precision: str | None = None, generator: torch.Generator | None = None,
                  should_stop: Callable[[], bool] | None = None,
-                 memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 memory_mask: torch.Tensor | None = None, return_logprob: bool = False):
         """Token ids [B, L] without BOS; each row ends at its EOS, PAD after it.
 
         temperature 0: greedy; >0: sampling (with top_k / top_p filtering). beam_width > 1: beam
@@ -221,7 +221,8 @@ class Model(nn.Module):
         precision: fp32 | bf16 | int8 (CPU: dynamic int8 decoder linears) | auto (default: the
         model's inference_precision). should_stop: asked before each decoding step; True stops the
         decode with pix2tex.cancel.DecodeCancelled (a caller's time limit). memory_mask [B, N]:
-        with `memory` from `encode_sizes`, images of several sizes in one batch.
+        with `memory` from `encode_sizes`, images of several sizes in one batch. return_logprob:
+        (ids, each row's sequence log-probability [B]) (generate.py).
         """
         max_len = min(max_len or self.max_seq_len - 1, self.max_seq_len)
         was_training = self.training
@@ -239,10 +240,11 @@ class Model(nn.Module):
             if beam_width > 1:
                 return beam_search(state, B, beam_width, max_len, self.bos, self.eos, self.pad,
                                    length_penalty=length_penalty, min_len=min_len, device=device,
-                                   should_stop=should_stop)
+                                   should_stop=should_stop, return_logprob=return_logprob)
             return sample(state, B, max_len, self.bos, self.eos, self.pad, temperature=temperature,
                           top_k=top_k, top_p=top_p, min_len=min_len, device=device,
-                          generator=generator, should_stop=should_stop)
+                          generator=generator, should_stop=should_stop,
+                          return_logprob=return_logprob)
         finally:
             self.train(was_training)
 

@@ -28,13 +28,21 @@ async function recognize(file) {
       fail(`Error ${response.status}: ${detail}`);
       return;
     }
-    showResult(body.latex, body.seconds);
+    showResult(body.latex, body.seconds, body.confidence);
   } catch (err) {
     fail(`The service did not answer: ${err}`);
   }
 }
 
-function showResult(latex, seconds) {
+// The answer's sequence log-probability: 0 is certain; exp() of it is the model's probability of
+// the whole answer.
+function confidenceText(logprob) {
+  if (logprob === null || logprob === undefined) return "";
+  const p = Math.exp(logprob) * 100;
+  return ` Confidence: log p = ${logprob.toFixed(2)} (p \u2248 ${p < 1 ? "<1" : p.toFixed(0)} %).`;
+}
+
+function showResult(latex, seconds, logprob) {
   $("latex").value = latex;
   const rendered = $("rendered");
   if (latex) {
@@ -42,7 +50,7 @@ function showResult(latex, seconds) {
   } else {
     rendered.textContent = "(no formula found in this image)";
   }
-  $("status").textContent = `Done in ${seconds.toFixed(2)} s.`;
+  $("status").textContent = `Done in ${seconds.toFixed(2)} s.` + confidenceText(logprob);
   show($("result"), true);
   document.body.dataset.state = "done";
 }
