@@ -662,7 +662,8 @@ def render_formulas(formulas: list[str], out_dir: str | os.PathLike, *,
                     fonts: list[str] | None = None,
                     patch_size: int = 16, margin: int = 2, workers: int | None = None, seed: int = 0,
                     batch_size: int = DEFAULT_BATCH, timeout: float = DEFAULT_TIMEOUT,
-                    rejects_path: str | os.PathLike | None = None, progress: bool = True) -> RenderResult:
+                    rejects_path: str | os.PathLike | None = None, progress: bool = True,
+                    dpis: list[int] | None = None) -> RenderResult:
     """Render formulas[i] (im2markup-normalized) to out_dir/{i:07d}.png; see the module docstring.
 
     dpi: (lo, hi) range drawn per formula in steps of dpi_step (or one int); fonts: names from
@@ -672,7 +673,9 @@ def render_formulas(formulas: list[str], out_dir: str | os.PathLike, *,
     os.cpu_count(); threads, each driving its own latex and dvipng processes); batch_size:
     formulas per latex run;
     timeout: seconds per latex/dvipng run; rejects_path: also write the rejects there
-    (`index<TAB>reason<TAB>formula`); progress: a tqdm bar on stderr when it is a terminal.
+    (`index<TAB>reason<TAB>formula`); progress: a tqdm bar on stderr when it is a terminal;
+    dpis: each formula's dpi, instead of one drawn from `dpi` (render-and-compare draws candidates
+    at an image's own scale).
     Images already in out_dir are kept and not drawn again. Formulas that do not render are in
     `result.rejected`, never raised; bad arguments or a missing TeX raise ValueError/RuntimeError."""
     t_start = time.perf_counter()
@@ -680,6 +683,8 @@ def render_formulas(formulas: list[str], out_dir: str | os.PathLike, *,
     lo, hi = (dpi, dpi) if isinstance(dpi, int) else (int(dpi[0]), int(dpi[1]))
     if not 10 <= lo <= hi:
         raise ValueError(f"dpi range {dpi!r}: need 10 <= lo <= hi")
+    if dpis is not None and (len(dpis) != len(formulas) or any(int(d) < 10 for d in dpis)):
+        raise ValueError(f"dpis: need one dpi >= 10 per formula ({len(formulas)}), got {len(dpis)}")
     if dpi_step < 1:
         raise ValueError(f"dpi_step {dpi_step}: need >= 1")
     if patch_size < 1 or margin < 0:
@@ -708,6 +713,8 @@ def render_formulas(formulas: list[str], out_dir: str | os.PathLike, *,
             result.rejected[i] = "empty formula"
             continue
         font, d = choose_style(i, seed, (lo, hi), fonts, dpi_step)
+        if dpis is not None:
+            d = int(dpis[i])
         jobs.setdefault(font, []).append(_Job(i, tex, d))
 
     n_jobs = sum(len(js) for js in jobs.values())

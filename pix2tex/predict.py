@@ -55,6 +55,7 @@ class Reading(NamedTuple):
     # the answer's sequence log-probability (sum of log p over its tokens, its end included; 0 is
     # certain, lower is less sure); None for a blank image
     confidence: float | None
+    verified: bool | None = None  # with verify: its drawing matches the image (None: not checked)
 
 
 class ModelNotFound(FileNotFoundError):
@@ -138,7 +139,10 @@ class LatexOCR:
     checkpoint: a training checkpoint (`.pth`; its stored config builds the model unless `config`
     is given), or for backend="onnx" the folder written by `python -m pix2tex.export`. None: the
     shipped default model. tokenizer: overrides the path stored in the checkpoint/config.
-    Decoding is greedy unless `beam_width` > 1 (or `temperature` > 0 for sampling). precision:
+    Decoding is greedy unless `beam_width` > 1 (or `temperature` > 0 for sampling). verify: decode
+    `verify_width` beam candidates (the torch backend; ONNX: the greedy one), draw each with the
+    renderer and answer with the best-scoring one whose drawing matches the image
+    (`Reading.verified`; pix2tex.verify), else with the best-scoring one, unverified. precision:
     fp32 | bf16 | auto for the torch backend (None: the config's `inference_precision`); the ONNX
     backend runs float32.
     """
@@ -148,16 +152,17 @@ class LatexOCR:
                  device: str = "auto", backend: str = "auto", beam_width: int = 1,
                  temperature: float = 0.0, max_len: int | None = None, batch_size: int = 16,
                  max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None,
-                 precision: str | None = None):
+                 precision: str | None = None, verify: bool = False, verify_width: int = 5):
         from pix2tex.config import load_config
         from pix2tex.dataset.tokenizer import load_tokenizer
 
         onnx_can = (beam_width <= 1 and not temperature and device in ("auto", "cpu")
-                    and precision in (None, "fp32"))
+                    and precision in (None, "fp32") and not verify)
         backend, self.checkpoint = choose_backend(backend, checkpoint, onnx_can)
         self.backend = backend
         self.beam_width, self.temperature, self.max_len = beam_width, temperature, max_len
         self.batch_size, self.max_pixels, self.precision = batch_size, max_pixels, precision
+        self.verify, self.verify_width = verify, verify_width
         if backend == "torch":
             from pix2tex.extras import require
 
@@ -203,14 +208,16 @@ class LatexOCR:
 
     def read(self, pages: list[np.ndarray | None], beam_width: int | None = None,
              temperature: float | None = None, max_len: int | None = None,
-             should_stop: Callable[[], bool] | None = None) -> list[Reading]:
+             should_stop: Callable[[], bool] | None = None,
+             verify: bool | None = None) -> list[Reading]:
         """A `Reading` of each preprocessed page (None: a blank one, read as ""), `batch_size`
         pages per decoding pass, similar sizes together.
 
         max_len: tokens per formula (None: the `max_len` given at construction, else the model's
         maximum); a formula that reaches it without its end is cut there (`complete` False).
         should_stop: asked once per decoding step; True raises pix2tex.cancel.DecodeCancelled (no
-        results)."""
+        results). verify: as at construction (None: the constructor's)."""
+        verify = self.verify if verify is None else verify
         out = [Reading("", True, None)] * len(pages)
         todo = sorted((i for i, page in enumerate(pages) if page is not None),
                       key=lambda i: (pages[i].size, pages[i].shape))  # little padding per batch
@@ -220,20 +227,49 @@ class LatexOCR:
         for idx in groups.values():
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start:start + self.batch_size]
-                ids, logprob = self._generate([pages[i] for i in chunk], beam_width, temperature,
-                                              max_len, should_stop)
-                ended = (ids == self.cfg.eos_token).any(axis=1)  # a row without EOS hit max_len
-                texts = self.tokenizer.decode_batch(ids.tolist())
-                for i, text, end, lp in zip(chunk, texts, ended, logprob):
-                    out[i] = Reading(text, bool(end), round(float(lp), 4))
+                chunk_pages = [pages[i] for i in chunk]
+                if verify:
+                    readings = self._read_verified(chunk_pages, max_len, should_stop)
+                else:
+                    ids, logprob = self._generate(chunk_pages, beam_width, temperature, max_len,
+                                                  should_stop)
+                    readings = self._readings(ids, logprob)
+                for i, reading in zip(chunk, readings):
+                    out[i] = reading
+        return out
+
+    def _readings(self, ids: np.ndarray, logprob: np.ndarray) -> list[Reading]:
+        ended = (ids == self.cfg.eos_token).any(axis=1)  # a row without EOS hit max_len
+        texts = self.tokenizer.decode_batch(ids.tolist())
+        return [Reading(t, bool(e), round(float(lp), 4)) for t, e, lp in zip(texts, ended, logprob)]
+
+    def _read_verified(self, pages: list[np.ndarray], max_len, should_stop) -> list[Reading]:
+        """The best-scoring candidate whose drawing matches its page, else the best one."""
+        from pix2tex.verify import verify_pages
+
+        if self.backend == "onnx":  # greedy only: one candidate
+            ids, logprob = self._generate(pages, 1, 0.0, max_len, should_stop)
+            ids, logprob = ids[:, None], logprob[:, None]
+        else:
+            ids, logprob = self._generate(pages, self.verify_width, 0.0, max_len, should_stop,
+                                          beams=True)
+        candidates = [[r for r, lp in zip(self._readings(rows, lps), lps) if np.isfinite(lp)]
+                      for rows, lps in zip(ids, logprob)]
+        checks = verify_pages(pages, [[r.latex for r in rs] for rs in candidates])
+        out = []
+        for readings, results in zip(candidates, checks):
+            chosen = next((r for r, (ok, _) in zip(readings, results) if ok and r.complete), None)
+            out.append(chosen._replace(verified=True) if chosen else
+                       readings[0]._replace(verified=False))
         return out
 
     def recognize(self, pages: list[np.ndarray | None], beam_width: int | None = None,
                   temperature: float | None = None, max_len: int | None = None,
                   should_stop: Callable[[], bool] | None = None,
-                  return_complete: bool = False) -> list[str] | tuple[list[str], list[bool]]:
+                  return_complete: bool = False,
+                  verify: bool | None = None) -> list[str] | tuple[list[str], list[bool]]:
         """LaTeX for preprocessed pages, as `read` (with return_complete: (texts, complete))."""
-        readings = self.read(pages, beam_width, temperature, max_len, should_stop)
+        readings = self.read(pages, beam_width, temperature, max_len, should_stop, verify)
         texts = [r.latex for r in readings]
         return (texts, [r.complete for r in readings]) if return_complete else texts
 
@@ -244,9 +280,9 @@ class LatexOCR:
         return self.backend == "torch" or self.model.masks_memory
 
     def _generate(self, pages: list[np.ndarray], beam_width, temperature, max_len=None,
-                  should_stop=None) -> tuple[np.ndarray, np.ndarray]:
+                  should_stop=None, beams: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(ids [B, L], sequence log-probabilities [B]) of pages (uint8 [H, W]) of one or several
-        sizes."""
+        sizes; beams (torch, beam_width > 1): every beam, ids [B, k, L] and [B, k]."""
         self.decode_batches += 1
         one_size = len({page.shape for page in pages}) == 1
         images = normalize(np.stack(pages)) if one_size else [normalize(p[None])[0] for p in pages]
@@ -272,17 +308,19 @@ class LatexOCR:
             ids, logprob = self.model.generate(
                 images, max_len=max_len, temperature=temperature, beam_width=beam_width,
                 precision=self.precision, should_stop=should_stop, memory=memory,
-                memory_mask=mask, return_logprob=True)
+                memory_mask=mask, return_logprob=True, return_beams=beams and beam_width > 1)
         return ids.cpu().numpy(), logprob.cpu().numpy()
 
     # --- the API -----------------------------------------------------------------------------
 
-    def __call__(self, image, beam_width: int | None = None, temperature: float | None = None) -> str:
+    def __call__(self, image, beam_width: int | None = None, temperature: float | None = None,
+                 verify: bool | None = None) -> str:
         """LaTeX of one image: a path, bytes, file object, PIL image or numpy array. A blank
         image gives ""; an unreadable one raises `pix2tex.preprocess.ImageError`."""
-        return self.recognize([self.preprocess(image)], beam_width, temperature)[0]
+        return self.recognize([self.preprocess(image)], beam_width, temperature, verify=verify)[0]
 
-    def batch(self, images, beam_width: int | None = None, temperature: float | None = None) -> list[str]:
+    def batch(self, images, beam_width: int | None = None, temperature: float | None = None,
+              verify: bool | None = None) -> list[str]:
         """LaTeX of many images, in order. An unreadable image raises ImageError naming its index."""
         pages = []
         for i, image in enumerate(images):
@@ -290,7 +328,7 @@ class LatexOCR:
                 pages.append(self.preprocess(image))
             except ImageError as e:
                 raise type(e)(f"image {i}: {e}") from None
-        return self.recognize(pages, beam_width, temperature)
+        return self.recognize(pages, beam_width, temperature, verify=verify)
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -317,8 +355,11 @@ def expand_inputs(args: list[str]) -> list[str]:
 def format_result(fmt: str, name: str, reading: Reading, seconds: float, show_name: bool) -> str:
     latex = reading.latex
     if fmt == "json":
-        return json.dumps({"file": name, "latex": latex, "confidence": reading.confidence,
-                           "complete": reading.complete, "seconds": round(seconds, 4)})
+        row = {"file": name, "latex": latex, "confidence": reading.confidence,
+               "complete": reading.complete, "seconds": round(seconds, 4)}
+        if reading.verified is not None:
+            row["verified"] = reading.verified
+        return json.dumps(row)
     text = {"plain": latex, "inline": f"${latex}$", "display": f"$${latex}$$"}[fmt]
     return f"{name}: {text}" if show_name else text
 
@@ -336,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "graphs (no torch) unless --beam > 1 asks for the torch weights")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--beam", type=int, default=1, help="beam width (1: greedy)")
+    p.add_argument("--verify", action="store_true",
+                   help="draw 5 beam candidates with the renderer (needs TeX) and answer with the "
+                        "best one whose drawing matches the image; JSON says `verified`")
     p.add_argument("--format", "-f", choices=["plain", "inline", "display", "json"], default="plain",
                    help="plain LaTeX, $...$, $$...$$, or JSON lines {file, latex, seconds}")
     p.add_argument("--batch-size", type=int, default=16)
@@ -353,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = LatexOCR(args.checkpoint, config=args.config, tokenizer=args.tokenizer,
                          device=args.device, backend=args.backend, beam_width=args.beam,
-                         batch_size=args.batch_size, max_pixels=args.max_pixels)
+                         batch_size=args.batch_size, max_pixels=args.max_pixels,
+                         verify=args.verify)
     except Exception as e:  # a missing/foreign checkpoint, config or tokenizer: say which and stop
         print(f"pix2tex: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -243,8 +243,11 @@ async def recognize_upload(model, inference: "InferenceQueue", decoders: ThreadP
         return {"file": name, "status": 504, "error": f"no result within the {limits.timeout:g} s limit"}
     except Exception as e:  # a model failure: say so, keep serving
         return {"file": name, "status": 500, "error": f"inference failed: {type(e).__name__}: {e}"}
-    return {"file": name, "latex": reading.latex, "confidence": reading.confidence,
-            "seconds": round(time.perf_counter() - t0, 4)}
+    out = {"file": name, "latex": reading.latex, "confidence": reading.confidence,
+           "seconds": round(time.perf_counter() - t0, 4)}
+    if reading.verified is not None:
+        out["verified"] = reading.verified
+    return out
 
 
 def create_app(model, limits: Limits | None = None):
@@ -281,7 +284,7 @@ def create_app(model, limits: Limits | None = None):
         if "error" in result:
             headers = {"Retry-After": "1"} if result["status"] == 503 else None
             return JSONResponse({"detail": result["error"]}, status_code=result["status"], headers=headers)
-        return {k: result[k] for k in ("latex", "confidence", "seconds")}
+        return {k: v for k, v in result.items() if k != "file"}
 
     @app.post("/predict/batch")
     async def predict_batch(files: list[UploadFile] = File(...)):
@@ -323,6 +326,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: the checkpoint's kind; without one, the released ONNX graphs")
     p.add_argument("--device", default="auto")
     p.add_argument("--beam", type=int, default=1, help="beam width (1: greedy)")
+    p.add_argument("--verify", action="store_true",
+                   help="answer with the best of 5 beam candidates whose rendering matches the "
+                        "image (needs TeX); responses say `verified`")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8502)
     p.add_argument("--workers", type=int, default=1,
@@ -357,7 +363,8 @@ def app_from_args(a: argparse.Namespace):
                     timeout=a.timeout, max_tokens=a.max_tokens, queue_size=a.queue_size,
                     max_batch=a.max_batch, batch_wait=a.batch_wait_ms / 1000)
     model = LatexOCR(a.checkpoint, config=a.config, tokenizer=a.tokenizer, device=a.device,
-                     backend=a.backend, beam_width=a.beam, batch_size=a.max_batch, threads=a.threads)
+                     backend=a.backend, beam_width=a.beam, batch_size=a.max_batch, threads=a.threads,
+                     verify=a.verify)
     return create_app(model, limits), model
 
 

@@ -75,13 +75,16 @@ def sample(state, batch: int, max_len: int, bos: int, eos: int, pad: int, temper
 
 def beam_search(state, batch: int, beam_width: int, max_len: int, bos: int, eos: int, pad: int,
                 length_penalty: float = 1.0, min_len: int = 0, device=None,
-                should_stop: Callable[[], bool] | None = None, return_logprob: bool = False):
+                should_stop: Callable[[], bool] | None = None, return_logprob: bool = False,
+                return_beams: bool = False):
     """Batched beam search; `state` holds batch*beam_width rows (image-major).
 
     A hypothesis is scored by sum(log p) / length**length_penalty (length counts EOS). Each step
     takes the best 2k continuations per image: EOS among the top k finish a hypothesis, the best k
     others stay alive (so width 1 is greedy). An image is done once it has k finished hypotheses
     and its best live beam scores below its worst finished one at the current length.
+    return_beams: (ids [B, k, L], log-probabilities [B, k]) of each image's k best hypotheses,
+    best first (-inf where an image has fewer).
     """
     k = beam_width
     neg_inf = float("-inf")
@@ -139,6 +142,11 @@ def beam_search(state, batch: int, beam_width: int, max_len: int, bos: int, eos:
     all_scores = torch.cat([fin_scores, live_scores], 1)
     best = all_scores.argmax(dim=1)
     rows = torch.arange(batch, device=device)
+    if return_beams:
+        top, order = all_scores.topk(k, dim=1)
+        lengths = torch.cat([fin_len, torch.full_like(fin_len, length)], 1).gather(1, order)
+        beams = torch.cat([fin_seqs, seqs], 1).gather(1, order[:, :, None].expand(-1, -1, max_len))
+        return beams[:, :, :int(lengths.max())], top * lengths.float() ** length_penalty
     out = torch.cat([fin_seqs, seqs], 1)[rows, best]
     lengths = torch.cat([fin_len, torch.full_like(fin_len, length)], 1)[rows, best]
     out = out[:, :int(lengths.max())]

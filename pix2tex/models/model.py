@@ -212,7 +212,8 @@ class Model(nn.Module):
                  length_penalty: float = 1.0, memory: torch.Tensor | None = None, min_len: int = 0,
                  precision: str | None = None, generator: torch.Generator | None = None,
                  should_stop: Callable[[], bool] | None = None,
-                 memory_mask: torch.Tensor | None = None, return_logprob: bool = False):
+                 memory_mask: torch.Tensor | None = None, return_logprob: bool = False,
+                 return_beams: bool = False):
         """Token ids [B, L] without BOS; each row ends at its EOS, PAD after it.
 
         temperature 0: greedy; >0: sampling (with top_k / top_p filtering). beam_width > 1: beam
@@ -222,7 +223,8 @@ class Model(nn.Module):
         model's inference_precision). should_stop: asked before each decoding step; True stops the
         decode with pix2tex.cancel.DecodeCancelled (a caller's time limit). memory_mask [B, N]:
         with `memory` from `encode_sizes`, images of several sizes in one batch. return_logprob:
-        (ids, each row's sequence log-probability [B]) (generate.py).
+        (ids, each row's sequence log-probability [B]) (generate.py). return_beams (beam_width > 1):
+        (ids [B, k, L], log-probabilities [B, k]) of every image's k best hypotheses, best first.
         """
         max_len = min(max_len or self.max_seq_len - 1, self.max_seq_len)
         was_training = self.training
@@ -240,7 +242,8 @@ class Model(nn.Module):
             if beam_width > 1:
                 return beam_search(state, B, beam_width, max_len, self.bos, self.eos, self.pad,
                                    length_penalty=length_penalty, min_len=min_len, device=device,
-                                   should_stop=should_stop, return_logprob=return_logprob)
+                                   should_stop=should_stop, return_logprob=return_logprob,
+                                   return_beams=return_beams)
             return sample(state, B, max_len, self.bos, self.eos, self.pad, temperature=temperature,
                           top_k=top_k, top_p=top_p, min_len=min_len, device=device,
                           generator=generator, should_stop=should_stop,

@@ -28,7 +28,7 @@ async function recognize(file) {
       fail(`Error ${response.status}: ${detail}`);
       return;
     }
-    showResult(body.latex, body.seconds, body.confidence);
+    showResult(body.latex, body.seconds, body.confidence, body.verified);
   } catch (err) {
     fail(`The service did not answer: ${err}`);
   }
@@ -42,7 +42,14 @@ function confidenceText(logprob) {
   return ` Confidence: log p = ${logprob.toFixed(2)} (p \u2248 ${p < 1 ? "<1" : p.toFixed(0)} %).`;
 }
 
-function showResult(latex, seconds, logprob) {
+// With the service's --verify: whether the answer, drawn by the renderer, matches the image.
+function verifiedText(verified) {
+  if (verified === true) return " \u2714 Verified: its rendering matches the image.";
+  if (verified === false) return " Not verified: no candidate's rendering matched the image.";
+  return "";
+}
+
+function showResult(latex, seconds, logprob, verified) {
   $("latex").value = latex;
   const rendered = $("rendered");
   if (latex) {
@@ -50,7 +57,8 @@ function showResult(latex, seconds, logprob) {
   } else {
     rendered.textContent = "(no formula found in this image)";
   }
-  $("status").textContent = `Done in ${seconds.toFixed(2)} s.` + confidenceText(logprob);
+  $("status").textContent = `Done in ${seconds.toFixed(2)} s.` + confidenceText(logprob) +
+    verifiedText(verified);
   show($("result"), true);
   document.body.dataset.state = "done";
 }

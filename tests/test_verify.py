@@ -1,0 +1,61 @@
+"""Render-and-compare verification: with real TeX, a right candidate verifies and a one-symbol change
+does not; bad candidates and blank images give an unverified answer with the reason."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pix2tex.verify import render_candidates, verify_pages
+
+FORMULAS = [r"\frac { a + b } { c ^ { 2 } } = \sum _ { i = 1 } ^ { n } x _ { i }",
+            r"E = m c ^ { 2 }",
+            r"\int _ { 0 } ^ { \infty } e ^ { - x ^ { 2 } } d x = \frac { \sqrt { \pi } } { 2 }"]
+CHANGED = [r"\frac { a + b } { c ^ { 3 } } = \sum _ { i = 1 } ^ { n } x _ { i }",  # 2 -> 3
+           r"E = m c ^ { 3 }",
+           r"\int _ { 0 } ^ { \infty } e ^ { - x ^ { 2 } } d y = \frac { \sqrt { \pi } } { 2 }"]
+
+
+def pages_at(dpi: int) -> list[np.ndarray]:
+    """The formulas as an input image: drawn by the renderer at `dpi`, with a white margin."""
+    return [np.pad(page, 12, constant_values=255) for page in render_candidates(FORMULAS, dpi)]
+
+
+@pytest.mark.parametrize("dpi", [100, 120, 135])
+def test_the_right_formula_verifies_and_a_one_symbol_change_does_not(dpi):
+    results = verify_pages(pages_at(dpi), [[right, changed] for right, changed in zip(FORMULAS, CHANGED)])
+    for (right, why), (changed, why_changed) in results:
+        assert right, why
+        assert not changed, why_changed
+        assert "differs" in why_changed or "another shape" in why_changed
+
+
+def test_bad_candidates_and_blank_images_are_unverified_with_the_reason():
+    page = pages_at(110)[1]
+    blank = np.full((40, 120), 255, np.uint8)
+    results = verify_pages([page, blank], [
+        [r"\frac { a", r"\def \x { \x } \x", "", FORMULAS[1]],  # TeX error, runaway macro, empty
+        [FORMULAS[1]]])
+    reasons = [why for _, why in results[0]]
+    assert [ok for ok, _ in results[0]] == [False, False, False, True]
+    assert all("does not render" in why for why in reasons[:3]), reasons
+    assert results[1] == [(False, "the image has no ink")]
+
+
+def test_the_api_and_the_cli_say_whether_the_answer_verified(tiny_model, capsys):
+    from pix2tex.predict import LatexOCR, main
+
+    ocr = LatexOCR(checkpoint=tiny_model.checkpoint, device="cpu", threads=1, verify=True)
+    pages = [ocr.preprocess(p) for p in tiny_model.images[:4]]
+    readings = ocr.read(pages)
+    assert all(isinstance(r.verified, bool) for r in readings)
+    # a verified answer is one of the beam's candidates, and its drawing matches: check it again
+    for page, reading in zip(pages, readings):
+        if reading.verified:
+            assert verify_pages([page], [[reading.latex]])[0][0][0]
+    plain = LatexOCR(checkpoint=tiny_model.checkpoint, device="cpu", threads=1)
+    assert all(r.verified is None for r in plain.read(pages))
+    main([str(tiny_model.images[0]), "--checkpoint", str(tiny_model.checkpoint), "--verify",
+          "-f", "json"])
+    row = json.loads(capsys.readouterr().out)
+    assert row["verified"] == readings[0].verified and row["latex"] == readings[0].latex
