@@ -150,6 +150,13 @@ def format_table(scores: dict) -> str:
             v = col.get(m)
             cells.append(f"{'-':>11}" if v is None else f"{v:>11d}" if m == "n" else f"{v:>11.4f}")
         lines.append(f"{m:<20}" + "".join(cells))
+    r = scores.get("rerank")
+    if r:
+        def share(v):
+            return "-" if v is None else f"{v:.4f}"
+        lines.append(f"rerank (k={r['k']}): verified {share(r['verified'])}, precision "
+                     f"{share(r['verified_precision'])}, coverage {share(r['verified_coverage'])}, "
+                     f"{r['seconds_per_image']:.3f} s/image")
     return "\n".join(lines)
 
 
@@ -171,6 +178,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer.json (default: config, then checkpoint, then dataset)")
     p.add_argument("-b", "--batchsize", type=int, help="images per batch (default: testbatchsize)")
     p.add_argument("--beam-width", type=int, default=1, help="1: greedy/sampling; >1: beam search")
+    p.add_argument("--rerank", type=int, default=0, metavar="K",
+                   help="render-and-compare: K beam candidates per image, answer with the best one "
+                        "whose rendering matches the image (the API's verify); reports the share "
+                        "verified and its precision against image match (implies --image-match)")
     p.add_argument("-t", "--temperature", type=float, default=0.0,
                    help="0: greedy (default; LaTeX-OCR's default was sampling at 0.333); >0: seeded "
                         "sampling at this temperature")
@@ -244,16 +255,49 @@ def score_images(args) -> tuple[dict, list[dict], dict]:
             not_normalized.append(f"{args.references}:{i + 1}: {e}")
     device = args.device or "auto"
     precision = args.precision or "fp32"
-    ocr = LatexOCR(args.checkpoint, config=args.config, overrides=args.overrides,
-                   tokenizer=args.tokenizer, device=device, beam_width=args.beam_width,
-                   temperature=args.temperature, batch_size=args.batchsize or 16,
-                   precision=precision)
-    preds = ocr.batch(files)
-    scores = score_predictions(preds, refs, args)
-    records = [{"image": f, "prediction": p, "ground_truth": r} for f, p, r in zip(files, preds, refs)]
-    settings = {"checkpoint": ocr.checkpoint, "data": args.images, "references": args.references,
-                "beam_width": args.beam_width, "temperature": args.temperature,
-                "device": device, "precision": precision, "references_not_normalized": not_normalized,
+    scores, records, settings = read_and_score(args, files, refs, args.checkpoint, args.config)
+    settings.update(data=args.images, references=args.references,
+                    references_not_normalized=not_normalized)
+    return scores, records, settings
+
+
+def read_and_score(args, files: list[str], refs: list[str], checkpoint, config) -> tuple[dict, list[dict], dict]:
+    """Read image files with the API (`LatexOCR`: its preprocessing, and with --rerank K its
+    render-and-compare verification) and score the answers against `refs`."""
+    from pix2tex.predict import LatexOCR
+
+    device = args.device or "auto"
+    precision = args.precision or "fp32"
+    rerank = args.rerank or 0
+    ocr = LatexOCR(checkpoint, config=config, overrides=args.overrides, tokenizer=args.tokenizer,
+                   device=device, beam_width=args.beam_width, temperature=args.temperature,
+                   batch_size=args.batchsize or 16, precision=precision, verify=rerank > 0,
+                   verify_width=max(rerank, 1))
+    t0 = time.perf_counter()
+    readings = ocr.read([ocr.preprocess(f) for f in files])
+    seconds = time.perf_counter() - t0
+    preds = [r.latex for r in readings]
+    # with --rerank, the precision of `verified` is measured against image match
+    matches = M.image_match(preds, refs, workers=args.workers, progress=not args.no_progress) \
+        if args.image_match or rerank else None
+    scores = M.compute_metrics(preds, refs, image_matches=matches)
+    records = [{"image": f, "prediction": r.latex, "ground_truth": ref, "confidence": r.confidence,
+                **({"verified": r.verified} if rerank else {})}
+               for f, r, ref in zip(files, readings, refs)]
+    if rerank:
+        verified = [bool(r.verified) for r in readings]
+        n_verified, n_matched = sum(verified), sum(matches)
+        scores["rerank"] = {
+            "k": rerank, "verified": n_verified / max(len(files), 1),
+            # of the verified answers, the share that image match confirms
+            "verified_precision": (sum(v and m for v, m in zip(verified, matches)) / n_verified
+                                   if n_verified else None),
+            # of the image-matched answers, the share that verified
+            "verified_coverage": (sum(v and m for v, m in zip(verified, matches)) / n_matched
+                                  if n_matched else None),
+            "seconds_per_image": round(seconds / max(len(files), 1), 4)}
+    settings = {"checkpoint": ocr.checkpoint, "beam_width": args.beam_width, "rerank": rerank,
+                "temperature": args.temperature, "device": device, "precision": precision,
                 "output": args.output or os.path.join("outputs", "eval")}
     return scores, records, settings
 
@@ -293,6 +337,13 @@ def run_model(args) -> tuple[dict, list[dict], dict]:
     if not os.path.isfile(data_path):
         raise FileNotFoundError(f"dataset file not found: {data_path}")
     dataset = Im2LatexDataset.load(data_path)
+    if args.rerank:  # the API's path: image files, verification
+        n = len(dataset.paths) if not args.num_batches else args.num_batches * (args.batchsize or 16)
+        files = [os.path.join(dataset.root, p) for p in dataset.paths[:n]]
+        scores, records, settings = read_and_score(args, files, dataset.formulas[:n], checkpoint,
+                                                   args.config)
+        settings.update(data=data_path, samples_in_data=len(dataset.paths))
+        return scores, records, settings
     # --tokenizer, then the config's, then the one the checkpoint was trained with, then the pkl's;
     # each as written and then beside the checkpoint (a run folder can be moved).
     # A release names no tokenizer: its own sits beside it and comes before the dataset's.

@@ -235,3 +235,28 @@ def test_eval_a_folder_of_own_images(checkpoint, tiny_data, tmp_path, capsys):
     code, _, err = run_main(["--checkpoint", checkpoint, "--images", folder, "--references",
                              tmp_path / "short.txt", "--no-progress"], capsys)
     assert code == 2 and "has 4 images" in err and "has 3 lines" in err
+
+
+def test_rerank_reports_what_verified_and_how_often_it_was_right(tiny_model, tmp_path, capsys):
+    """--rerank K: the API's render-and-compare over the images; `verified` is measured against
+    image match (the tiny model has memorized these formulas)."""
+    import shutil
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for path in tiny_model.images:
+        shutil.copy(path, folder / path.name)
+    (tmp_path / "refs.txt").write_text("\n".join(tiny_model.formulas) + "\n")
+    out_dir = tmp_path / "out"
+    code, out, err = run_main(["--checkpoint", tiny_model.checkpoint, "--images", folder,
+                               "--references", tmp_path / "refs.txt", "--rerank", 3,
+                               "--output", out_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    report = json.loads((out_dir / "metrics.json").read_text())
+    rerank = report["metrics"]["rerank"]
+    assert rerank["k"] == 3 and 0 <= rerank["verified"] <= 1 and rerank["seconds_per_image"] > 0
+    assert "image_match" in report["metrics"] and "rerank (k=3): verified" in out
+    rows = read_tsv(out_dir / "predictions.tsv")
+    assert {r["verified"] for r in rows} <= {"True", "False"} and len(rows) == len(tiny_model.images)
+    if rerank["verified"]:  # what verified, image match confirms
+        assert rerank["verified_precision"] == 1.0
