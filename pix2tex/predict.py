@@ -247,7 +247,7 @@ class LatexOCR:
         """The best-scoring candidate whose drawing matches its page, else the best one."""
         from pix2tex.verify import verify_pages
 
-        if self.backend == "onnx":  # greedy only: one candidate
+        if self.backend == "onnx" or self.verify_width <= 1:  # ONNX: greedy only, one candidate
             ids, logprob = self._generate(pages, 1, 0.0, max_len, should_stop)
             ids, logprob = ids[:, None], logprob[:, None]
         else:
