@@ -124,7 +124,8 @@ def test_pad_and_bos_are_never_output_even_where_they_score_highest(torch_ocr, e
     empty = np.zeros((c["layers"], len(pages), c["heads"], 0, c["head_dim"]), np.float32)
     logits = onnx.step.run(None, {"tokens": np.full(len(pages), model.bos, np.int64),
                                   "cross_k": cross_k, "cross_v": cross_v, "self_k": empty,
-                                  "self_v": empty})[0]
+                                  "self_v": empty,
+                                  "cross_mask": np.zeros(cross_k.shape[1:4:2], np.float32)})[0]
     assert set(logits.argmax(-1).tolist()) <= {model.pad, model.bos}
     with torch.no_grad():
         want = torch_ocr.model.generate(torch.from_numpy(x), precision="fp32").numpy()
@@ -158,11 +159,13 @@ def test_graph_outputs_match_pytorch(torch_ocr, onnx_ocr, exported):
     ck, cv = (t.numpy() for t in want)
     past = rng.normal(size=(layers, 2, 4, 7, 64)).astype(np.float32)
     tokens = np.array([5, 17])
+    mask = np.zeros((2, ck.shape[3]), np.float32)
+    mask[1, ck.shape[3] // 2:] = -np.inf  # the second row's memory padded: its second half masked
     with torch.no_grad():
         want = step(torch.from_numpy(tokens), torch.from_numpy(ck), torch.from_numpy(cv),
-                    torch.from_numpy(past), torch.from_numpy(past))
+                    torch.from_numpy(past), torch.from_numpy(past), torch.from_numpy(mask))
     got = onnx_ocr.model.step.run(None, {"tokens": tokens, "cross_k": ck, "cross_v": cv,
-                                         "self_k": past, "self_v": past})
+                                         "self_k": past, "self_v": past, "cross_mask": mask})
     assert got[1].shape == (layers, 2, 4, 8, 64)
     for w, g in zip(want, got):
         np.testing.assert_allclose(g, w.numpy(), atol=1e-4, rtol=1e-4)

@@ -126,7 +126,7 @@ def test_confidence_is_the_answers_log_probability(ocr, images):
     logits[..., [ocr.cfg.pad_token, ocr.cfg.bos_token]] = float("-inf")
     want = logits.log_softmax(-1).gather(2, tgt[:, 1:, None]).sum().item()
     assert reading[0].confidence == pytest.approx(want, abs=1e-3) and reading[0].confidence < 0
-    assert reading[1] == ("", True, None)
+    assert reading[1] == ("", True, None, None)
     assert ocr.read([page], beam_width=3)[0].confidence == pytest.approx(want, abs=1e-3)
 
 

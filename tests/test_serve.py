@@ -321,9 +321,9 @@ def test_bounded_queue(ocr, images):
         with pytest.raises(QueueFull, match="busy"):
             q.submit(page, deadline)
         q.start()
-        texts = await asyncio.wait_for(asyncio.gather(*futs), 60)
+        readings = await asyncio.wait_for(asyncio.gather(*futs), 60)
         q.stop()
-        return texts
+        return [r.latex for r in readings]
 
     assert asyncio.run(scenario()) == [ocr(images[0])] * 2
     assert q.batches == 1 and q.pages == 2  # both waiting pages went through in one batch

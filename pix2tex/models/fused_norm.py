@@ -114,16 +114,9 @@ class GroupNormAct(TimmGroupNormAct):
         return super().forward(x)
 
 
-class Bottleneck(nn.Module):
-    """timm's ResNetV2 bottleneck (no pre-activation): the same child modules under the same names
-    (so the same state dict), and a forward where, with the kernel, the last norm, the shortcut
+class Bottleneck(TimmBottleneck):
+    """timm's ResNetV2 bottleneck (no pre-activation); with the kernel, the last norm, the shortcut
     addition and the ReLU after it are one pass (three in PyTorch, and three more backward)."""
-
-    def __init__(self, block: TimmBottleneck):
-        super().__init__()
-        self.downsample = block.downsample  # a module, or None (then not a child)
-        for name, child in block.named_children():
-            self.add_module(name, child)  # conv1..3, norm1..3, drop_path, act3 (and downsample)
 
     def forward(self, x):
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -138,12 +131,10 @@ class Bottleneck(nn.Module):
 
 
 def route_backbone(backbone: nn.Module) -> None:
-    """Replace timm's bottlenecks inside `backbone` by the `Bottleneck` above, holding their
-    modules (same state dict)."""
-    for parent in list(backbone.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is TimmBottleneck:
-                setattr(parent, name, Bottleneck(child))
+    """Make timm's bottlenecks inside `backbone` the `Bottleneck` above (same modules and state)."""
+    for m in backbone.modules():
+        if type(m) is TimmBottleneck:
+            m.__class__ = Bottleneck
 
 
 def tracing() -> bool:
