@@ -114,9 +114,22 @@ class GroupNormAct(TimmGroupNormAct):
         return super().forward(x)
 
 
-class Bottleneck(TimmBottleneck):
-    """timm's ResNetV2 bottleneck (no pre-activation); with the kernel, the last norm, the shortcut
+class Bottleneck(nn.Module):
+    """timm's ResNetV2 bottleneck (no pre-activation): the same child modules under the same names
+    (so the same state dict), and a forward where, with the kernel, the last norm, the shortcut
     addition and the ReLU after it are one pass (three in PyTorch, and three more backward)."""
+
+    def __init__(self, block: TimmBottleneck):
+        super().__init__()
+        self.downsample = block.downsample  # a module, or None (then not a child)
+        for name, child in block.named_children():
+            self.add_module(name, child)  # conv1..3, norm1..3, drop_path, act3 (and downsample)
+
+    def zero_init_last(self) -> None:
+        """timm's: the last norm's weight to zero. The encoder's init calls it after the blocks
+        are built (so a module without it would start from other weights)."""
+        if getattr(self.norm3, "weight", None) is not None:
+            nn.init.zeros_(self.norm3.weight)
 
     def forward(self, x):
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -131,10 +144,12 @@ class Bottleneck(TimmBottleneck):
 
 
 def route_backbone(backbone: nn.Module) -> None:
-    """Make timm's bottlenecks inside `backbone` the `Bottleneck` above (same modules and state)."""
-    for m in backbone.modules():
-        if type(m) is TimmBottleneck:
-            m.__class__ = Bottleneck
+    """Replace timm's bottlenecks inside `backbone` by the `Bottleneck` above, holding their
+    modules (same state dict)."""
+    for parent in list(backbone.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is TimmBottleneck:
+                setattr(parent, name, Bottleneck(child))
 
 
 def tracing() -> bool:
