@@ -56,13 +56,19 @@ def render_candidates(formulas: list[str], dpi: int | list[int] = VERIFY_DPI,
         return out
 
 
-def ink_box(gray: np.ndarray) -> tuple[int, int] | None:
-    """(height, width) of the ink (value <= 128, as the image match binarizes), or None."""
+def _ink_crop(gray: np.ndarray) -> np.ndarray | None:
+    """`gray` cropped to its ink (value <= 128, as the image match binarizes), or None."""
     ink = gray <= 128
     rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
     if not len(rows):
         return None
-    return int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+    return gray[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+def ink_box(gray: np.ndarray) -> tuple[int, int] | None:
+    """(height, width) of the ink, or None."""
+    crop = _ink_crop(gray)
+    return None if crop is None else crop.shape
 
 
 def page_dpi(page: np.ndarray, renderings: list[np.ndarray | None]) -> int | None:
@@ -104,12 +110,6 @@ def verify_pages(pages: list[np.ndarray], candidates: list[list[str]],
     for i, (p, _) in enumerate(flat):
         out[p].append(_compare(pages[p], first[i], second.get(i, []), dpis[p]))
     return out
-
-
-def _ink_crop(gray: np.ndarray) -> np.ndarray:
-    ink = gray <= 128
-    rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
-    return gray[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
 
 
 def pixels_agree(page: np.ndarray, rendering: np.ndarray) -> tuple[bool, int]:
