@@ -38,6 +38,10 @@ DEFAULTS: dict[str, Any] = {
     # --- model ----------------------------------------------------------------------------
     "encoder_structure": "hybrid",  # hybrid | vit | resnet
     "backbone_layers": [2, 3, 7],  # ResNetV2 stage depths of the hybrid encoder
+    # the resnet encoder's three stages (stride 16): blocks and channels per stage (the default
+    # is ResNet-18's; a student narrows them)
+    "resnet_layers": [2, 2, 2],
+    "resnet_channels": [64, 128, 256],
     "dim": 256,  # model width (encoder and decoder)
     "encoder_depth": 4,  # transformer blocks of the encoder
     "encoder_heads": None,  # None: same as `heads`
@@ -255,6 +259,12 @@ def _check(cfg: dict, where: str) -> None:
     if cfg["encoder_structure"] not in ("hybrid", "vit", "resnet"):
         raise ConfigError(f"{where}: encoder_structure must be hybrid, vit or resnet, "
                           f"got {cfg['encoder_structure']!r}")
+    for key in ("resnet_layers", "resnet_channels"):
+        value = cfg[key]
+        if len(value) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                      for v in value):
+            raise ConfigError(f"{where}: {key} must be three positive integers (one per stage of "
+                              f"the resnet encoder), got {value!r}")
     for side in ("max_height", "max_width"):
         if cfg[side] % cfg["patch_size"]:
             raise ConfigError(f"{where}: {side}={cfg[side]} must be a multiple of "
@@ -297,10 +307,13 @@ def _check(cfg: dict, where: str) -> None:
         raise ConfigError(f"{where}: micro_batchsize={mb} must divide batchsize={cfg['batchsize']}")
 
 
-def read_config_file(path: str | os.PathLike, _seen: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
+def read_config_file(path: str | os.PathLike, _seen: tuple[str, ...] = (),
+                     extends: str | os.PathLike | None = None) -> tuple[dict, list[str]]:
     """The keys of one YAML config file, and the files they came from. `extends: FILE` (relative
     to this file) starts from that file's keys; this file's override them, nested mappings key by
-    key, so a family of configs (the distillation experiments) keeps one copy of what they share."""
+    key, so a family of configs (the distillation experiments) keeps one copy of what they share.
+    `extends` given here replaces the file's own (a path as given): the same experiment on
+    another student."""
     path = str(path)
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
@@ -312,11 +325,14 @@ def read_config_file(path: str | os.PathLike, _seen: tuple[str, ...] = ()) -> tu
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(loaded).__name__}")
     parent = loaded.pop("extends", None)
-    if parent is None:
+    if extends is not None:
+        parent = os.fspath(extends)
+    elif parent is None:
         return loaded, [path]
-    if not isinstance(parent, str):
+    elif not isinstance(parent, str):
         raise ConfigError(f"{path}: extends must be the path of one config file, got {parent!r}")
-    parent = os.path.normpath(os.path.join(os.path.dirname(path), parent))
+    else:
+        parent = os.path.normpath(os.path.join(os.path.dirname(path), parent))
     if os.path.abspath(parent) in _seen + (os.path.abspath(path),):
         raise ConfigError(f"{path}: extends {parent}, which extends it back (a cycle)")
     base, chain = read_config_file(parent, _seen + (os.path.abspath(path),))
@@ -334,8 +350,9 @@ def _deep_update(base: dict, over: dict) -> dict:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                base: dict | None = None) -> Config:
+                base: dict | None = None, extends: str | os.PathLike | None = None) -> Config:
     """Load a YAML config (or none: the defaults), apply overrides, validate, return a Config.
+    `extends`: a config file that replaces the file's own `extends` (read_config_file).
 
     Relative data/tokenizer/checkpoint paths stay as written (relative to the working directory,
     as in LaTeX-OCR).
@@ -344,7 +361,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     raw: dict = dict(base or {})
     where = "config"
     if path is not None:
-        loaded, chain = read_config_file(path)
+        loaded, chain = read_config_file(path, extends=extends)
         where = " extending ".join(chain)
         raw.update(loaded)
     raw = _migrate(raw, notes)

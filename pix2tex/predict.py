@@ -39,11 +39,15 @@ from pix2tex.fileio import file_sha256
 from pix2tex.onnx_model import META
 from pix2tex.preprocess import DEFAULT_MAX_PIXELS, Geometry, ImageError, normalize, preprocess
 
-# Where the project's shipped model lives; used when no checkpoint is given. PIX2TEX_CHECKPOINT
+# Where the project's shipped models live; used when no checkpoint is given. PIX2TEX_CHECKPOINT
 # points elsewhere. The torch weights are in the repository's models/ (research installs); the
-# same model as ONNX graphs is package data (pix2tex/released/), so every install can read.
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "pix2tex.pth"
+# default model as ONNX graphs is package data (pix2tex/released/), so every install can read.
+# "small" is the distilled student (pix2tex.distill): torch weights only.
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_CHECKPOINT = MODELS_DIR / "pix2tex.pth"
 RELEASED_ONNX = Path(__file__).resolve().parent / "released"
+SHIPPED_MODELS = {"default": (DEFAULT_CHECKPOINT, RELEASED_ONNX),
+                  "small": (MODELS_DIR / "pix2tex-small.pth", None)}
 BACKENDS = ("auto", "onnx", "torch")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -70,12 +74,29 @@ def is_onnx_export(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, META))
 
 
-def choose_backend(backend: str, checkpoint, onnx_can: bool) -> tuple[str, str]:
+def choose_backend(backend: str, checkpoint, onnx_can: bool,
+                   model: str = "default") -> tuple[str, str]:
     """(backend, model path) for LatexOCR's arguments. "auto": the kind of the given checkpoint;
-    with none ($PIX2TEX_CHECKPOINT, else) the released ONNX graphs when they can do what is asked
-    (`onnx_can`: greedy, float32, on the CPU), else the torch weights."""
+    with none (the default model: $PIX2TEX_CHECKPOINT, else the shipped one; model="small": the
+    shipped student) its released ONNX graphs when they
+    can do what is asked (`onnx_can`: greedy, float32, on the CPU), else its torch weights."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if model not in SHIPPED_MODELS:
+        raise ValueError(f"model must be one of {', '.join(SHIPPED_MODELS)}, got {model!r}")
+    if model != "default":
+        if checkpoint is not None:
+            raise ValueError(f"give a checkpoint or model={model!r} (--model), not both")
+        torch_path = SHIPPED_MODELS[model][0]  # the student ships as torch weights only
+        if backend == "onnx":
+            raise ModelNotFound(f"the {model} model ships as torch weights only ({torch_path}); "
+                                f"use backend='torch' (--backend torch), or export it with "
+                                f"`python -m pix2tex.export` and pass that folder as checkpoint")
+        if not torch_path.exists():
+            raise ModelNotFound(f"no {model} model at {torch_path}: it is made by distillation "
+                                f"(README \"Distillation\"); pass checkpoint=... (--checkpoint "
+                                f"PATH) with a trained student")
+        return "torch", os.fspath(torch_path)
     if checkpoint is None and os.environ.get("PIX2TEX_CHECKPOINT"):
         checkpoint = os.environ["PIX2TEX_CHECKPOINT"]
         if not os.path.exists(checkpoint):
@@ -138,7 +159,9 @@ class LatexOCR:
 
     checkpoint: a training checkpoint (`.pth`; its stored config builds the model unless `config`
     is given), or for backend="onnx" the folder written by `python -m pix2tex.export`. None: the
-    shipped default model. tokenizer: overrides the path stored in the checkpoint/config.
+    shipped model named by `model`: "default" (the reader) or "small" (its distilled student,
+    models/pix2tex-small.pth; torch backend). tokenizer: overrides the path stored in the
+    checkpoint/config.
     Decoding is greedy unless `beam_width` > 1 (or `temperature` > 0 for sampling). verify: decode
     `verify_width` beam candidates (the torch backend; ONNX: the greedy one), draw each with the
     renderer and answer with the best-scoring one whose drawing matches the image
@@ -152,13 +175,14 @@ class LatexOCR:
                  device: str = "auto", backend: str = "auto", beam_width: int = 1,
                  temperature: float = 0.0, max_len: int | None = None, batch_size: int = 16,
                  max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None,
-                 precision: str | None = None, verify: bool = False, verify_width: int = 5):
+                 precision: str | None = None, verify: bool = False, verify_width: int = 5,
+                 model: str = "default"):
         from pix2tex.config import load_config
         from pix2tex.dataset.tokenizer import load_tokenizer
 
         onnx_can = (beam_width <= 1 and not temperature and device in ("auto", "cpu")
                     and precision in (None, "fp32") and not verify)
-        backend, self.checkpoint = choose_backend(backend, checkpoint, onnx_can)
+        backend, self.checkpoint = choose_backend(backend, checkpoint, onnx_can, model)
         self.backend = backend
         self.beam_width, self.temperature, self.max_len = beam_width, temperature, max_len
         self.batch_size, self.max_pixels, self.precision = batch_size, max_pixels, precision
@@ -370,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", "-c", help=f"trained checkpoint (.pth) or ONNX export folder "
                                               f"(default: $PIX2TEX_CHECKPOINT, else the released "
                                               f"model: {RELEASED_ONNX} or {DEFAULT_CHECKPOINT})")
+    p.add_argument("--model", choices=list(SHIPPED_MODELS), default="default",
+                   help="the shipped model to use without --checkpoint: default (the reader) or "
+                        "small (its distilled student, faster)")
     p.add_argument("--config", help="YAML config (default: the one stored in the checkpoint)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the one the checkpoint names)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
@@ -398,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         model = LatexOCR(args.checkpoint, config=args.config, tokenizer=args.tokenizer,
                          device=args.device, backend=args.backend, beam_width=args.beam,
                          batch_size=args.batch_size, max_pixels=args.max_pixels,
-                         verify=args.verify)
+                         verify=args.verify, model=args.model)
     except Exception as e:  # a missing/foreign checkpoint, config or tokenizer: say which and stop
         print(f"pix2tex: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -314,12 +314,15 @@ def create_app(model, limits: Limits | None = None):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from pix2tex.predict import BACKENDS
+    from pix2tex.predict import BACKENDS, SHIPPED_MODELS
 
     d = Limits()
     p = argparse.ArgumentParser(prog="pix2tex-serve", description="HTTP service: image of a formula -> LaTeX.")
     p.add_argument("--checkpoint", "-c", help="trained checkpoint or ONNX export folder (default: "
                                               "$PIX2TEX_CHECKPOINT, else the released model)")
+    p.add_argument("--model", choices=list(SHIPPED_MODELS), default="default",
+                   help="the shipped model to serve without --checkpoint: default (the reader) "
+                        "or small (its distilled student, faster)")
     p.add_argument("--config", help="YAML config (default: the one stored in the checkpoint)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the one the checkpoint names)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
@@ -364,7 +367,7 @@ def app_from_args(a: argparse.Namespace):
                     max_batch=a.max_batch, batch_wait=a.batch_wait_ms / 1000)
     model = LatexOCR(a.checkpoint, config=a.config, tokenizer=a.tokenizer, device=a.device,
                      backend=a.backend, beam_width=a.beam, batch_size=a.max_batch, threads=a.threads,
-                     verify=a.verify)
+                     verify=a.verify, model=a.model)
     return create_app(model, limits), model
 
 

@@ -62,6 +62,8 @@ def test_value_errors(tmp_path):
         load_config(write(tmp_path, {"batchsize": 10, "micro_batchsize": 3}))
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="resnet_channels must be three positive integers"):
+        load_config(write(tmp_path, {"resnet_channels": [32, 64]}))
 
 
 def test_to_dict_round_trips(tmp_path):
@@ -146,6 +148,11 @@ def test_extends_starts_from_another_file_and_merges_nested_keys(tmp_path):
         load_config(child)
     with pytest.raises(ConfigError, match="not found: .*nothing.yaml"):
         load_config(write(tmp_path, {"extends": "nothing.yaml"}))
+    # `extends` given to load_config replaces the file's own: the same experiment, another base
+    write(tmp_path, {"dim": 64, "heads": 4, "optimizer": {"name": "AdamW", "lr": 1e-3}}, "base.yaml")
+    other = write(tmp_path, {"dim": 128, "optimizer": {"name": "SGD"}}, "other.yaml")
+    cfg = load_config(child, extends=other)
+    assert (cfg.dim, cfg.heads) == (128, 2) and (cfg.optimizer.name, cfg.optimizer.lr) == ("SGD", 5e-4)
 
 
 def test_distillation_experiments_extend_one_student():

@@ -325,3 +325,50 @@ def test_command_line_makes_pseudo_labels_distills_and_compares(tiny_model, tiny
     assert comparison["results"]["student"]["params"] < comparison["results"]["teacher"]["params"]
     ckpt = load_checkpoint(tmp_path / "cli" / "student" / "best.pth")
     assert ckpt["config"]["data"] == str(bs)  # trained on the teacher's labels
+
+
+def test_student_of_the_shipped_reader_is_under_a_quarter_of_it_and_fits_it():
+    """settings/distill/student-cpu.yaml under every experiment: the reader's tokens and image
+    limits (so soft targets and labels carry over), at most 1/4 of its parameters."""
+    from pix2tex.distill.main import check_pair
+
+    reader = load_config(REPO / "settings" / "config-cpu.yaml")
+    reader_params = sum(p.numel() for p in get_model(reader).parameters())
+    student_cfg = REPO / "settings" / "distill" / "student-cpu.yaml"
+    for name in EXPERIMENTS:
+        cfg = load_config(REPO / "settings" / "distill" / f"{name}.yaml", extends=student_cfg)
+        assert cfg.name == f"distill-{name}" and cfg.dim == 128 and cfg.encoder_structure == "resnet"
+        check_pair(cfg, reader, {}, None)
+    params = sum(p.numel() for p in get_model(cfg).parameters())
+    assert params <= reader_params / 4, (params, reader_params)
+
+
+def test_distill_table_runs_each_experiment_per_seed_and_reports_mean_and_spread(
+        tiny_model, tiny_data, tmp_path):
+    """bench/distill_table.py on the tiny teacher: a training sample, pseudo labels, two
+    experiments x two seeds, image match; one row per experiment with its seeds' spread."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "table"
+    cmd = [sys.executable, str(REPO / "bench" / "distill_table.py"), "--data", str(tiny_data.dir),
+           "--out", str(out), "--teacher-ckpt", str(tiny_model.checkpoint),
+           "--experiments", "original,beamsearch", "--seeds", "1,2", "--steps", "2",
+           "--train-samples", "40", "--image-match", "--eval-batches", "2", "--label-batchsize", "8",
+           "--set", *TINY_STUDENT, "batchsize=4", "testbatchsize=8", "valbatches=1",
+           "inference_precision=fp32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "results.json").read_text())
+    assert set(summary["results"]) == {"teacher", "original", "beamsearch"}
+    assert set(summary["runs"]) == {"teacher", "original-seed1", "original-seed2",
+                                    "beamsearch-seed1", "beamsearch-seed2"}
+    for name in ("original", "beamsearch"):
+        row, runs = summary["results"][name], [summary["runs"][f"{name}-seed{s}"] for s in (1, 2)]
+        assert row["runs"] == 2 and "bleu_std" in row and "image_match" in row
+        assert row["bleu"] == pytest.approx((runs[0]["bleu"] + runs[1]["bleu"]) / 2)
+    assert summary["pseudo_label_precision"] == "fp32"
+    assert len(Im2LatexDataset.load(out / "train.pkl").formulas) == 40
+    table = (out / "table.md").read_text()
+    assert "| original |" in table and "image match" in table and " ± " in table

@@ -156,6 +156,30 @@ def test_missing_default_checkpoint(monkeypatch, tmp_path):
         LatexOCR()
 
 
+def test_small_model_is_the_shipped_student(monkeypatch, tiny_model, tmp_path, images, ocr,
+                                           capsys):
+    """model="small" / --model small reads with models/pix2tex-small.pth (torch); without that
+    file, or asked for ONNX or beside a checkpoint, it says what to do."""
+    import pix2tex.predict as P
+
+    student = tmp_path / "pix2tex-small.pth"
+    monkeypatch.setitem(P.SHIPPED_MODELS, "small", (student, None))
+    with pytest.raises(ModelNotFound, match="pix2tex-small.pth.*distillation"):
+        LatexOCR(model="small")
+    shutil.copy(tiny_model.checkpoint, student)
+    small = LatexOCR(model="small", threads=1)
+    assert small.backend == "torch" and small.checkpoint == str(student)
+    assert small(images[0]) == ocr(images[0])
+    with pytest.raises(ModelNotFound, match="torch weights only"):
+        LatexOCR(model="small", backend="onnx")
+    with pytest.raises(ValueError, match="not both"):
+        LatexOCR(checkpoint=tiny_model.checkpoint, model="small")
+    with pytest.raises(ValueError, match="model must be one of default, small"):
+        LatexOCR(model="tiny")
+    code, out, err = run_cli([str(images[0]), "--model", "small"], capsys)
+    assert code == 0 and out == ocr(images[0]) + "\n", err
+
+
 def test_tokenizer_found_beside_a_moved_checkpoint(tiny_model, tmp_path, images, ocr):
     """A checkpoint folder copied elsewhere (with its tokenizer.json) still loads."""
     ckpt = torch.load(tiny_model.checkpoint, weights_only=True)

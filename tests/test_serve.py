@@ -489,3 +489,18 @@ def test_serve_command_refuses_a_missing_checkpoint(tmp_path, capsys):
         main(["--checkpoint", str(tmp_path / "nope.pth"), "--port", "0"])
     assert exit_.value.code == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_serve_small_model(monkeypatch, tiny_model, tmp_path, ocr, images, capsys):
+    """--model small serves the shipped student; without it the command says what to do."""
+    import pix2tex.predict as P
+    from pix2tex.serve import app_from_args, main, parse_args
+
+    student = tmp_path / "pix2tex-small.pth"
+    monkeypatch.setitem(P.SHIPPED_MODELS, "small", (student, None))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "small", "--port", "0"])
+    assert exit_.value.code == 2 and "no small model" in capsys.readouterr().err
+    shutil.copy(tiny_model.checkpoint, student)
+    _, model = app_from_args(parse_args(["--model", "small", "--threads", "1"]))
+    assert model.checkpoint == str(student) and model.batch([images[0]]) == [ocr(images[0])]

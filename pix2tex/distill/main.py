@@ -282,17 +282,19 @@ def decode_ms(models: dict, dataset, device, batches: int = 4, rounds: int = 3,
 
 def compare(models: dict, dataset, tokenizer, *, device="cpu", beam_width: int = 1,
             max_batches: int | None = None, timing_batches: int = 4, timing_rounds: int = 3,
-            fixed_len: int = 32, progress: bool = False) -> dict:
-    """Metrics of each model (eval.evaluate on `dataset`, prepared by the caller), its parameter
+            fixed_len: int = 32, progress: bool = False, image_match: bool = False) -> dict:
+    """Metrics of each model (eval.evaluate on `dataset`, prepared by the caller, in fp32; with
+    `image_match` also the share of predictions that render like the ground truth), its parameter
     count, and decode milliseconds per formula: `decode_ms` as each model decodes (it stops at its
     own EOS) and `decode_ms_fixed` at exactly `fixed_len` tokens. Returns {name: {metric: value}}."""
     from pix2tex.eval import evaluate
     out = {}
+    keys = ("bleu", "edit_distance", "token_accuracy", "exact_match", "n") + \
+        (("image_match",) if image_match else ())
     for name, model in models.items():
         scores, _ = evaluate(model, dataset, tokenizer, beam_width=beam_width, device=device,
-                             max_batches=max_batches, progress=progress)
-        out[name] = {k: scores[k] for k in ("bleu", "edit_distance", "token_accuracy",
-                                            "exact_match", "n")}
+                             max_batches=max_batches, progress=progress, image_match=image_match)
+        out[name] = {k: scores[k] for k in keys}
         out[name]["params"] = count_parameters(model)
     for key, length in (("decode_ms", None), ("decode_ms_fixed", fixed_len)):
         for name, ms in decode_ms(models, dataset, device, timing_batches, timing_rounds,
@@ -301,16 +303,47 @@ def compare(models: dict, dataset, tokenizer, *, device="cpu", beam_width: int =
     return out
 
 
+def aggregate(runs: list[dict]) -> dict:
+    """Several seeds' results of one model (`compare` rows) as one row: each metric's mean, its
+    sample standard deviation as `<metric>_std` (with two runs or more), and `runs`."""
+    import statistics
+    out = {"runs": len(runs)}
+    for key, value in runs[0].items():
+        values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+        if not isinstance(value, (int, float)) or len(values) != len(runs):
+            continue
+        out[key] = statistics.fmean(values)
+        if len(runs) > 1 and key not in ("n", "params"):
+            out[f"{key}_std"] = statistics.stdev(values)
+    return out
+
+
 def markdown_table(results: dict, reference: str | None = None) -> str:
-    """Rows: models; columns: the metrics of `compare` (and speed-ups over `reference`)."""
-    head = ["model", "params", "BLEU", "edit dist", "token acc", "exact match", "decode ms/formula"]
+    """Rows: models; columns: the metrics of `compare` (image match when measured; mean ± standard
+    deviation over seeds for `aggregate` rows) and the parameter ratio and speed-ups over
+    `reference`."""
+    metrics = [("BLEU", "bleu"), ("edit dist", "edit_distance"), ("token acc", "token_accuracy"),
+               ("exact match", "exact_match")]
+    if any("image_match" in r for r in results.values()):
+        metrics.append(("image match", "image_match"))
+    seeds = any(r.get("runs", 1) > 1 for r in results.values())
+    head = ["model", "params"] + [h for h, _ in metrics] + ["decode ms/formula"]
+    head += ["seeds"] if seeds else []
     ref = results.get(reference) if reference else None
     if ref:
         head += ["params ratio", "speed-up", "speed-up at fixed length"]
+
+    def cell(r, key):
+        if key not in r:
+            return "-"
+        std = f" ± {r[key + '_std']:.4f}" if key + "_std" in r else ""
+        return f"{r[key]:.4f}{std}"
+
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
-        cells = [name, f"{r['params'] / 1e6:.2f}M", f"{r['bleu']:.4f}", f"{r['edit_distance']:.4f}",
-                 f"{r['token_accuracy']:.4f}", f"{r['exact_match']:.4f}", f"{r['decode_ms']:.2f}"]
+        cells = [name, f"{r['params'] / 1e6:.2f}M", *(cell(r, k) for _, k in metrics),
+                 f"{r['decode_ms']:.2f}"]
+        cells += [str(r.get("runs", 1))] if seeds else []
         if ref:
             cells += [f"{r['params'] / ref['params']:.3f}", f"{ref['decode_ms'] / r['decode_ms']:.2f}x",
                       f"{ref['decode_ms_fixed'] / r['decode_ms_fixed']:.2f}x"]
@@ -328,6 +361,9 @@ def main(argv: list[str] | None = None) -> None:
                     "Overrides are dotted key=value pairs (e.g. distill.r_soft=0.5 max_steps=1000).")
     parser.add_argument("--config", default="settings/distill/target_soft.yaml",
                         help="the student's config with its distill group")
+    parser.add_argument("--student", help="a student config that replaces the one the --config "
+                                          "file extends (e.g. settings/distill/student-cpu.yaml: "
+                                          "the student of the shipped reader)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from load_ckpt, or from the newest checkpoint of the run folder")
     parser.add_argument("--eval-data", help="pkl to compare teacher and student on (default: valdata)")
@@ -343,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     errors = (ConfigError, CheckpointError, DatasetError, TokenizerError, FileNotFoundError)
     rank = int(os.environ.get("RANK", "0"))
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, extends=args.student)
         if rank == 0:
             for note in cfg.notes:
                 print(f"note: {note}", file=sys.stderr)
@@ -356,7 +392,8 @@ def main(argv: list[str] | None = None) -> None:
             from pix2tex.distill.pseudo_labels import main as make_labels
             print(f"{d.pseudo_labels} not found: decoding the training set with the teacher "
                   f"(beam width {d.beam_width})", file=sys.stderr)
-            make_labels(["--config", args.config, *args.overrides])
+            make_labels(["--config", args.config, *(["--student", args.student] if args.student
+                                                    else []), *args.overrides])
         result = distill(cfg, resume=args.resume, echo=_echo)
         if rank != 0:
             return

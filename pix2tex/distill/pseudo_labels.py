@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
                     "distill.teacher_config), `data`, distill.pseudo_labels (output) and "
                     "distill.beam_width. Resumable: run it again after an interruption.")
     p.add_argument("--config", help="distill config (student config with a distill group)")
+    p.add_argument("--student", help="a student config replacing the one --config extends")
     p.add_argument("--teacher-ckpt", help="teacher checkpoint (default: distill.teacher_ckpt)")
     p.add_argument("--teacher-config", help="teacher config (default: distill.teacher_config, "
                                             "else the checkpoint's)")
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     from pix2tex.models import resolve_device
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, extends=args.student)
         d = cfg.distill
         data_path, out = args.data or cfg.data, args.out or d.pseudo_labels
         if not data_path:

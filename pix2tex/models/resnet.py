@@ -1,7 +1,8 @@
 """ResNet-18 encoder of the distillation seed (after kingyiusuen/image-to-latex).
 
 timm's ResNet-18 cut after its third stage (feature stride 16, 256 channels), a 1x1 projection to
-the model width, and a fixed 2-D sinusoidal position code computed for the feature map actually
+the model width (`resnet_layers` and `resnet_channels` set the blocks and channels of the three
+stages: a student's encoder is the same network, narrower or shallower), and a fixed 2-D sinusoidal position code computed for the feature map actually
 produced (half of the channels encode the row, half the column), so any image size works and
 nothing size-dependent is stored.
 """
@@ -32,11 +33,14 @@ def sinusoid_2d(h: int, w: int, dim: int, device=None, dtype=torch.float32) -> t
 class ResNetEncoder(nn.Module):
     """images [B, C, H, W] -> memory [B, (H/16)(W/16), dim]."""
 
-    def __init__(self, dim: int, in_chans: int = 1, dropout: float = 0.0):
+    def __init__(self, dim: int, in_chans: int = 1, dropout: float = 0.0,
+                 layers=(2, 2, 2), channels=(64, 128, 256)):
         super().__init__()
-        # ResNet-18 cut after stage 3 (feature tap 3 = layer3: stride 16, 256 channels)
-        self.backbone = ResNet(BasicBlock, [2, 2, 2, 2], in_chans=in_chans, num_classes=0,
-                               global_pool='')
+        # a ResNet cut after stage 3 (feature tap 3 = layer3: stride 16); timm builds a 4th stage,
+        # pruned at once
+        self.backbone = ResNet(BasicBlock, [*layers, 2], in_chans=in_chans, num_classes=0,
+                               global_pool='', channels=(*channels, 2 * channels[-1]),
+                               stem_width=channels[0])
         self.backbone.prune_intermediate_layers(indices=[3])
         self.proj = nn.Conv2d(self.backbone.feature_info[3]["num_chs"], dim, kernel_size=1)
         self.drop = nn.Dropout(dropout)
@@ -50,4 +54,6 @@ class ResNetEncoder(nn.Module):
 
 
 def get_encoder(cfg) -> ResNetEncoder:
-    return ResNetEncoder(cfg.dim, in_chans=cfg.channels, dropout=cfg.get("emb_dropout", 0.0))
+    return ResNetEncoder(cfg.dim, in_chans=cfg.channels, dropout=cfg.get("emb_dropout", 0.0),
+                         layers=tuple(cfg.get("resnet_layers", (2, 2, 2))),
+                         channels=tuple(cfg.get("resnet_channels", (64, 128, 256))))
