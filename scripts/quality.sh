@@ -9,7 +9,9 @@
 #   LEG_STEPS (default 5000: one cycle, ~100 min here), THREADS (torch threads, default all cores),
 #   RELEASE=0 to measure without releasing, LEG_NOTE (what the leg changed, for the curve),
 #   SYNTH_MULTILINE (synthetic multi-line formulas in the mix, default 20000; another number
-#   changes train and val: the run's best metric then starts afresh on the new val set).
+#   changes train and val: the run's best metric then starts afresh on the new val set),
+#   TRAIN_OVERRIDES (extra dotted key=value overrides for the training command, e.g. a warm
+#   start's optimizer.lr at the decayed peak the resumed run would have reached).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" NO_ALBUMENTATIONS_UPDATE=1
@@ -37,7 +39,7 @@ python -m dataset_tools.synth -n "$SYNTH_MULTILINE" --seed 1 -o "$DATA/synth_mul
   --out "$TEST"
 
 echo "== 2/4 train $CONFIG: one leg of $LEG_STEPS steps"
-data_args=(data="$DATA/train.pkl" valdata="$DATA/val.pkl" tokenizer="$DATA/tokenizer.json")
+data_args=(data="$DATA/train.pkl" valdata="$DATA/val.pkl" tokenizer="$DATA/tokenizer.json" ${TRAIN_OVERRIDES:-})
 step_of() { python -c 'import sys, torch; print(torch.load(sys.argv[1], map_location="cpu", weights_only=False)["step"])' "$1"; }
 step=0
 t0=$(date +%s)
