@@ -91,13 +91,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", required=True, help="training checkpoint (best.pth / last.pth)")
     p.add_argument("--out", default="models", help="output folder (default: models)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the one the checkpoint names)")
+    p.add_argument("--name", default="pix2tex.pth",
+                   help="file name of the weights in OUT (default pix2tex.pth; the distilled "
+                        "student's: pix2tex-small.pth)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weights dtype (default bf16)")
     p.add_argument("--onnx-out", help="folder for the ONNX graphs (default: OUT/<name>-onnx; the "
                                       "shipped model's: pix2tex/released)")
     p.add_argument("--no-onnx", action="store_true", help="write the torch weights only")
     args = p.parse_args(argv)
     try:
-        info = make_release(args.checkpoint, args.out, args.tokenizer, args.dtype,
+        info = make_release(args.checkpoint, args.out, args.tokenizer, args.dtype, name=args.name,
                             onnx_dir="" if args.no_onnx else args.onnx_out)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")

@@ -52,6 +52,21 @@ def test_cli_uses_the_default_model_from_any_folder(release, tiny_model, tmp_pat
     assert out.stdout.strip() == expected
 
 
+def test_student_release_under_its_own_name_is_the_small_model(tiny_model, tmp_path, monkeypatch):
+    """`--name pix2tex-small.pth --no-onnx`: the distilled student's release, which
+    LatexOCR(model="small") reads (pointed at this folder)."""
+    import pix2tex.predict as P
+    from pix2tex.release import main
+
+    main(["--checkpoint", str(tiny_model.checkpoint), "--out", str(tmp_path), "--name",
+          "pix2tex-small.pth", "--no-onnx"])
+    assert sorted(os.listdir(tmp_path)) == ["pix2tex-small.pth", "tokenizer.json"]
+    monkeypatch.setitem(P.SHIPPED_MODELS, "small", (tmp_path / "pix2tex-small.pth", None))
+    small = LatexOCR(model="small", threads=1, precision="fp32")
+    full = LatexOCR(checkpoint=tiny_model.checkpoint, threads=1, precision="fp32")
+    assert small(tiny_model.images[0]) == full(tiny_model.images[0])
+
+
 def test_release_needs_a_training_checkpoint(tiny_model, tmp_path):
     bare = tmp_path / "bare.pth"
     torch.save(torch.load(tiny_model.checkpoint, weights_only=True)["model"], bare)
