@@ -409,7 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "best one whose drawing matches the image; JSON says `verified`")
     p.add_argument("--format", "-f", choices=["plain", "inline", "display", "json"], default="plain",
                    help="plain LaTeX, $...$, $$...$$, or JSON lines {file, latex, seconds}")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per decoding pass (default 64: a folder reads ~1.5x faster "
+                        "than at 16, bench/folder.py)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="refuse larger images (decompression bombs)")
     p.add_argument("--names", action=argparse.BooleanOptionalAction, default=None,
