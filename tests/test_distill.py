@@ -188,6 +188,15 @@ def test_load_teacher_freezes_the_model_and_its_digest_names_its_weights(tiny_mo
         load_teacher(str(tmp_path / "missing.pth"))
 
 
+def test_digest_of_a_resnet_teacher_covers_its_batchnorm_state():
+    """The shipped reader's kind of model (ResNet encoder: BatchNorm buffers, 0-dim counters)."""
+    model = get_model(load_config(REPO / "settings" / "distill" / "student-cpu.yaml"))
+    digest = model_digest(model)
+    with torch.no_grad():
+        next(b for n, b in model.named_buffers() if n.endswith("running_mean"))[0] += 1
+    assert model_digest(model) != digest
+
+
 def test_model_level_losses_vanish_for_a_copy_of_the_teacher_and_grow_otherwise(teacher, real_batch):
     t_model, t_cfg = teacher
     images, tgt = real_batch
