@@ -163,8 +163,9 @@ def main() -> None:
     for name in names:
         for seed in seeds:
             run = name if seed is None else f"{name}-seed{seed}"
+            # epochs unbounded: --steps is every student's budget, whatever the training set's size
             cfg = load_config(os.path.join(REPO, "settings", "distill", f"{name}.yaml"), common + [
-                f"name={run}", f"max_steps={args.steps}", f"sample_freq={args.steps}",
+                f"name={run}", f"max_steps={args.steps}", f"sample_freq={args.steps}", "epochs=1000000",
                 f"distill.teacher_ckpt={teacher_ckpt}", "distill.teacher_config=null",
                 *([f"seed={seed}"] if seed is not None else []),
                 *([f"distill.pseudo_labels={bs_pkl}"] if name in ("beamsearch", "bs_soft", "bs_soft_embed")
