@@ -39,17 +39,15 @@ def log(*a):
 
 
 def load_model(path: str):
-    """(model, source): a checkpoint's trained model, or a config's model with random weights."""
-    from pix2tex.checkpoint import load_checkpoint, load_model_weights
+    """(model, source): a checkpoint's trained model (frozen, as distillation loads a teacher),
+    or a config's model with random weights."""
     from pix2tex.config import load_config
+    from pix2tex.distill.teacher import load_teacher
     from pix2tex.models import get_model
 
     if path.endswith((".yaml", ".yml")):
         return get_model(load_config(path)).eval(), "config (random weights)"
-    ckpt = load_checkpoint(path)
-    model = get_model(load_config(None, base=ckpt["config"]))
-    load_model_weights(model, ckpt, path)
-    return model.eval(), "checkpoint"
+    return load_teacher(path)[0], "checkpoint"
 
 
 def sample(data_pkl: str, n: int, seed: int = 0):

@@ -46,8 +46,7 @@ from pix2tex.preprocess import DEFAULT_MAX_PIXELS, Geometry, ImageError, normali
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_CHECKPOINT = MODELS_DIR / "pix2tex.pth"
 RELEASED_ONNX = Path(__file__).resolve().parent / "released"
-SHIPPED_MODELS = {"default": (DEFAULT_CHECKPOINT, RELEASED_ONNX),
-                  "small": (MODELS_DIR / "pix2tex-small.pth", None)}
+SHIPPED_MODELS = {"default": DEFAULT_CHECKPOINT, "small": MODELS_DIR / "pix2tex-small.pth"}
 BACKENDS = ("auto", "onnx", "torch")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -77,9 +76,9 @@ def is_onnx_export(path: str | os.PathLike) -> bool:
 def choose_backend(backend: str, checkpoint, onnx_can: bool,
                    model: str = "default") -> tuple[str, str]:
     """(backend, model path) for LatexOCR's arguments. "auto": the kind of the given checkpoint;
-    with none (the default model: $PIX2TEX_CHECKPOINT, else the shipped one; model="small": the
-    shipped student) its released ONNX graphs when they
-    can do what is asked (`onnx_can`: greedy, float32, on the CPU), else its torch weights."""
+    with none and the default model, $PIX2TEX_CHECKPOINT, else the released ONNX graphs when they
+    can do what is asked (`onnx_can`: greedy, float32, on the CPU), else the torch weights;
+    model="small": the shipped student's torch weights."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if model not in SHIPPED_MODELS:
@@ -87,7 +86,7 @@ def choose_backend(backend: str, checkpoint, onnx_can: bool,
     if model != "default":
         if checkpoint is not None:
             raise ValueError(f"give a checkpoint or model={model!r} (--model), not both")
-        torch_path = SHIPPED_MODELS[model][0]  # the student ships as torch weights only
+        torch_path = SHIPPED_MODELS[model]  # the student ships as torch weights only
         if backend == "onnx":
             raise ModelNotFound(f"the {model} model ships as torch weights only ({torch_path}); "
                                 f"use backend='torch' (--backend torch), or export it with "

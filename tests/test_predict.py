@@ -163,7 +163,7 @@ def test_small_model_is_the_shipped_student(monkeypatch, tiny_model, tmp_path, i
     import pix2tex.predict as P
 
     student = tmp_path / "pix2tex-small.pth"
-    monkeypatch.setitem(P.SHIPPED_MODELS, "small", (student, None))
+    monkeypatch.setitem(P.SHIPPED_MODELS, "small", student)
     with pytest.raises(ModelNotFound, match="pix2tex-small.pth.*distillation"):
         LatexOCR(model="small")
     shutil.copy(tiny_model.checkpoint, student)

@@ -61,7 +61,7 @@ def test_student_release_under_its_own_name_is_the_small_model(tiny_model, tmp_p
     main(["--checkpoint", str(tiny_model.checkpoint), "--out", str(tmp_path), "--name",
           "pix2tex-small.pth", "--no-onnx"])
     assert sorted(os.listdir(tmp_path)) == ["pix2tex-small.pth", "tokenizer.json"]
-    monkeypatch.setitem(P.SHIPPED_MODELS, "small", (tmp_path / "pix2tex-small.pth", None))
+    monkeypatch.setitem(P.SHIPPED_MODELS, "small", tmp_path / "pix2tex-small.pth")
     small = LatexOCR(model="small", threads=1, precision="fp32")
     full = LatexOCR(checkpoint=tiny_model.checkpoint, threads=1, precision="fp32")
     assert small(tiny_model.images[0]) == full(tiny_model.images[0])

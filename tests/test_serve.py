@@ -497,7 +497,7 @@ def test_serve_small_model(monkeypatch, tiny_model, tmp_path, ocr, images, capsy
     from pix2tex.serve import app_from_args, main, parse_args
 
     student = tmp_path / "pix2tex-small.pth"
-    monkeypatch.setitem(P.SHIPPED_MODELS, "small", (student, None))
+    monkeypatch.setitem(P.SHIPPED_MODELS, "small", student)
     with pytest.raises(SystemExit) as exit_:
         main(["--model", "small", "--port", "0"])
     assert exit_.value.code == 2 and "no small model" in capsys.readouterr().err

@@ -1,10 +1,10 @@
 """ResNet-18 encoder of the distillation seed (after kingyiusuen/image-to-latex).
 
 timm's ResNet-18 cut after its third stage (feature stride 16, 256 channels), a 1x1 projection to
-the model width (`resnet_layers` and `resnet_channels` set the blocks and channels of the three
-stages: a student's encoder is the same network, narrower or shallower), and a fixed 2-D sinusoidal position code computed for the feature map actually
+the model width, and a fixed 2-D sinusoidal position code computed for the feature map actually
 produced (half of the channels encode the row, half the column), so any image size works and
-nothing size-dependent is stored.
+nothing size-dependent is stored. `resnet_layers` and `resnet_channels` set the blocks and
+channels of the three stages: a student's encoder is the same network, narrower or shallower.
 """
 from __future__ import annotations
 
@@ -55,5 +55,4 @@ class ResNetEncoder(nn.Module):
 
 def get_encoder(cfg) -> ResNetEncoder:
     return ResNetEncoder(cfg.dim, in_chans=cfg.channels, dropout=cfg.get("emb_dropout", 0.0),
-                         layers=tuple(cfg.get("resnet_layers", (2, 2, 2))),
-                         channels=tuple(cfg.get("resnet_channels", (64, 128, 256))))
+                         layers=tuple(cfg.resnet_layers), channels=tuple(cfg.resnet_channels))
