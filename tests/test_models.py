@@ -3,6 +3,7 @@ that learns real rendered formulas exactly."""
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 from pix2tex.config import load_config
@@ -273,6 +274,27 @@ def test_beam_search_is_batched_per_image_and_well_formed():
     for row in batched:
         assert BOS not in row.tolist() and PAD not in strip(row)
         assert all(t == PAD for t in row.tolist()[len(strip(row)):])
+
+
+def test_beam_search_lets_finished_images_leave_without_changing_answers():
+    """The shipped reader on real renders of a short formula and two long ones, batched together:
+    the short one is done first and leaves the batch (its rows leave the decoder state); every
+    image's beam answer and score equal its answer alone (fp32)."""
+    from pix2tex.predict import LatexOCR
+    from pix2tex.verify import render_candidates
+
+    formulas = [r"E = m c ^ { 2 }",
+                r"\int _ { 0 } ^ { \infty } e ^ { - x ^ { 2 } } d x = \frac { \sqrt { \pi } } { 2 }",
+                r"\frac { a + b } { c ^ { 2 } } = \sum _ { i = 1 } ^ { n } x _ { i } + \alpha \beta"]
+    images = [np.pad(page, 12, constant_values=255) for page in render_candidates(formulas, 110)]
+    ocr = LatexOCR(backend="torch", precision="fp32", beam_width=3)
+    pages = [ocr.preprocess(image) for image in images]
+    together = ocr.read(pages)
+    alone = [ocr.read([page])[0] for page in pages]
+    assert [r.latex for r in together] == [r.latex for r in alone]
+    assert len(together[0].latex.split()) < len(together[1].latex.split()) / 2  # finishes first
+    for a, b in zip(together, alone):
+        assert abs(a.confidence - b.confidence) < 1e-4
 
 
 def test_beam_search_finds_higher_scores_than_greedy():

@@ -88,29 +88,36 @@ def beam_search(state, batch: int, beam_width: int, max_len: int, bos: int, eos:
     """
     k = beam_width
     neg_inf = float("-inf")
-    seqs = torch.full((batch, k, max_len), pad, dtype=torch.long, device=device)
-    scores = torch.zeros(batch, k, device=device)
+    # An image leaves the batch once it is done (its rows leave the state, so the others decode
+    # with less work); its finished hypotheses are final then and are kept here.
+    out_fin_seqs = torch.full((batch, k, max_len), pad, dtype=torch.long, device=device)
+    out_fin_scores = torch.full((batch, k), neg_inf, device=device)
+    out_fin_len = torch.zeros(batch, k, dtype=torch.long, device=device)
+    img = torch.arange(batch, device=device)  # the image of each image still in the batch
+    n = batch
+    seqs = torch.full((n, k, max_len), pad, dtype=torch.long, device=device)
+    scores = torch.zeros(n, k, device=device)
     scores[:, 1:] = neg_inf  # all beams start identical: expand only the first at step 0
-    fin_seqs = torch.full((batch, k, max_len), pad, dtype=torch.long, device=device)
-    fin_scores = torch.full((batch, k), neg_inf, device=device)
-    fin_len = torch.zeros(batch, k, dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens = torch.full((batch * k,), bos, dtype=torch.long, device=device)
-    offsets = (torch.arange(batch, device=device) * k)[:, None]
+    fin_seqs = torch.full((n, k, max_len), pad, dtype=torch.long, device=device)
+    fin_scores = torch.full((n, k), neg_inf, device=device)
+    fin_len = torch.zeros(n, k, dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    tokens = torch.full((n * k,), bos, dtype=torch.long, device=device)
+    offsets = (torch.arange(n, device=device) * k)[:, None]
     for t in range(max_len):
         stop_if_asked(should_stop)
         logits = mask_pad_bos(state.step(tokens), bos, eos, pad)
-        logp = logits.log_softmax(dim=-1)  # [B*k, V]
+        logp = logits.log_softmax(dim=-1)  # [n*k, V]
         if t < min_len:
             logp[:, eos] = neg_inf
         V = logp.shape[-1]
-        cand = (scores[:, :, None] + logp.view(batch, k, V)).view(batch, k * V)
-        cand_scores, cand_idx = cand.topk(2 * k, dim=-1)  # [B, 2k]
+        cand = (scores[:, :, None] + logp.view(n, k, V)).view(n, k * V)
+        cand_scores, cand_idx = cand.topk(2 * k, dim=-1)  # [n, 2k]
         parent, token = cand_idx // V, cand_idx % V
         length = t + 1
         # finished: EOS among the top k candidates, scored with the length penalty
         is_eos = token == eos
-        finishing = is_eos & (torch.arange(2 * k, device=device) < k) & ~done[:, None]
+        finishing = is_eos & (torch.arange(2 * k, device=device) < k)
         new_fin = torch.where(finishing, cand_scores / length ** length_penalty,
                               torch.full_like(cand_scores, neg_inf))
         if bool(finishing.any()):
@@ -131,14 +138,31 @@ def beam_search(state, batch: int, beam_width: int, max_len: int, bos: int, eos:
         seqs[:, :, t] = token
         # an image is done when no live beam can beat its worst finished one
         best_alive = scores[:, 0] / length ** length_penalty
-        done |= (fin_scores[:, -1] > neg_inf) & (best_alive <= fin_scores[:, -1])
+        done = (fin_scores[:, -1] > neg_inf) & (best_alive <= fin_scores[:, -1])
         if bool(done.all()) or t == max_len - 1:
             break
-        state.select((parent + offsets).flatten(), cross=False)
+        rows = parent + offsets  # [n, k]: each new beam's parent row in the state
+        if bool(done.any()):
+            gone, alive = done.nonzero()[:, 0], (~done).nonzero()[:, 0]
+            out_fin_seqs[img[gone]] = fin_seqs[gone]
+            out_fin_scores[img[gone]] = fin_scores[gone]
+            out_fin_len[img[gone]] = fin_len[gone]
+            img, seqs, scores, token = img[alive], seqs[alive], scores[alive], token[alive]
+            fin_seqs, fin_scores, fin_len = fin_seqs[alive], fin_scores[alive], fin_len[alive]
+            state.select(rows[alive].flatten())
+            n = len(alive)
+            offsets = (torch.arange(n, device=device) * k)[:, None]
+        else:
+            state.select(rows.flatten(), cross=False)
         tokens = token.flatten()
+    out_fin_seqs[img], out_fin_scores[img], out_fin_len[img] = fin_seqs, fin_scores, fin_len
     # images without k finished hypotheses: their live beams compete too (no EOS, max length)
-    live_scores = torch.where(done[:, None], torch.full_like(scores, neg_inf),
-                              scores / length ** length_penalty)
+    live_scores = torch.full((batch, k), neg_inf, device=device)
+    live_scores[img] = torch.where(done[:, None], torch.full_like(scores, neg_inf),
+                                   scores / length ** length_penalty)
+    live_seqs = torch.full((batch, k, max_len), pad, dtype=torch.long, device=device)
+    live_seqs[img] = seqs
+    fin_seqs, fin_scores, fin_len, seqs = out_fin_seqs, out_fin_scores, out_fin_len, live_seqs
     all_scores = torch.cat([fin_scores, live_scores], 1)
     best = all_scores.argmax(dim=1)
     rows = torch.arange(batch, device=device)
@@ -153,3 +177,4 @@ def beam_search(state, batch: int, beam_width: int, max_len: int, bos: int, eos:
     if not return_logprob:
         return out
     return out, all_scores[rows, best] * lengths.float() ** length_penalty  # undo the penalty
+
