@@ -240,6 +240,8 @@ def main() -> None:
     pages = health["pages"] - health_before["pages"]
     batches = health["batches"] - health_before["batches"]
     passes = health["forward_passes"] - health_before["forward_passes"]
+    steps = health.get("decode_steps", 0) - health_before.get("decode_steps", 0)
+    row_steps = health.get("row_steps", 0) - health_before.get("row_steps", 0)
     print(json.dumps({
         "bench": "serve",
         "backend": opts.backend,
@@ -257,9 +259,13 @@ def main() -> None:
                        "mean": round(1000 * statistics.fmean(ok), 1),
                        "max": round(1000 * max(ok), 1)} if ok else None,
         # queue batches: what the inference thread took at once; forward passes: decoding passes
+        # (continuous batching: encoder passes of the pages that joined the running decode, and
+        # images per decoding step: how many formulas each step carried on average)
         "batching": {"images": pages, "queue_batches": batches, "forward_passes": passes,
                      "images_per_queue_batch": round(pages / max(batches, 1), 2),
                      "images_per_forward_pass": round(pages / max(passes, 1), 2),
+                     "continuous": bool(health.get("continuous_batching")),
+                     "images_per_decoding_step": round(row_steps / steps, 2) if steps else None,
                      "max_batch": opts.max_batch},
         "rss_mib": {"before": round(rss_before, 1), "during": samples, "after": round(rss_after, 1),
                     "growth": round(rss_after - rss_before, 1),

@@ -297,6 +297,21 @@ class LatexOCR:
         return (texts, [r.complete for r in readings]) if return_complete else texts
 
     @property
+    def can_stream(self) -> bool:
+        """Whether `stream` serves this reader: the torch backend's greedy decoding with the lean
+        decoder step (not beam search, sampling or verify)."""
+        return (self.backend == "torch" and getattr(self.model.decoder, "lean", False)
+                and self.beam_width <= 1 and not self.temperature and not self.verify)
+
+    def stream(self, max_len: int | None = None) -> "ReadingStream":
+        """Continuous batching (the service's): a greedy decode that pages join between steps and
+        leave at their end (`ReadingStream`); each page reads as it would alone."""
+        if not self.can_stream:
+            raise ValueError("continuous batching needs the torch backend's greedy decoding with "
+                             "the lean decoder step (no beam search, sampling or verify)")
+        return ReadingStream(self, max_len)
+
+    @property
     def mixes_sizes(self) -> bool:
         """Whether one decoding batch may hold several image sizes (an ONNX export from before
         the memory mask cannot)."""
@@ -352,6 +367,52 @@ class LatexOCR:
             except ImageError as e:
                 raise type(e)(f"image {i}: {e}") from None
         return self.recognize(pages, beam_width, temperature, verify=verify)
+
+
+class ReadingStream:
+    """Continuous batching over a `LatexOCR` (torch backend, greedy): `add(pages, keys)` encodes
+    pages (any sizes) and lets them join the running decode; each `step()` decodes one token of
+    every page in it and returns the pages that ended, as (key, Reading). A page never waits for
+    a longer batch-mate, and one that arrives mid-decode starts at the next step. `drop(keys)`:
+    pages nobody waits for any more. `steps` and `row_steps` count the decoding steps and the
+    pages they decoded (row_steps / steps: pages per step)."""
+
+    def __init__(self, ocr: LatexOCR, max_len: int | None = None):
+        import torch
+
+        from pix2tex.models.generate import GreedyStream
+        from pix2tex.models.model import encoder_dtype, resolve_precision
+
+        self.ocr, self.torch, model = ocr, torch, ocr.model
+        self.precision = resolve_precision(ocr.precision or model.inference_precision,
+                                           torch.device(ocr.device))
+        max_len = max_len or ocr.max_len
+        max_len = min(max_len or model.max_seq_len - 1, model.max_seq_len)
+        state = model.decoder.stream(max_len, self.precision, encoder_dtype(self.precision))
+        self.decode = GreedyStream(state, model.bos, model.eos, model.pad, max_len)
+        self.steps = self.row_steps = 0
+
+    def __len__(self) -> int:
+        return len(self.decode)
+
+    def add(self, pages: list[np.ndarray], keys: list) -> None:
+        torch = self.torch
+        with torch.inference_mode():
+            images = [torch.from_numpy(normalize(p[None])[0]).to(self.ocr.device) for p in pages]
+            memory, mask = self.ocr.model.encode_sizes(images, self.precision)
+            self.decode.add(memory, mask, keys)
+
+    def step(self) -> list[tuple[object, Reading]]:
+        rows = len(self.decode)
+        with self.torch.inference_mode():
+            finished = self.decode.step()
+        self.steps, self.row_steps = self.steps + 1, self.row_steps + rows
+        texts = self.ocr.tokenizer.decode_batch([ids for _, ids, _, _ in finished])
+        return [(key, Reading(text, complete, round(logprob, 4)))
+                for (key, _, logprob, complete), text in zip(finished, texts)]
+
+    def drop(self, keys) -> None:
+        self.decode.drop(keys)
 
 
 # --- command line ------------------------------------------------------------------------------

@@ -22,6 +22,11 @@ latest deadline has passed) and then stops (pix2tex.cancel), so the inference th
 the next batch within a step instead of decoding a runaway formula to its end. A failed request
 never stops the service.
 
+With the torch backend's greedy decoding (a .pth model, no --beam/--verify) the batching is
+continuous instead: pages join the running decode between two steps and each leaves at its own
+end (`LatexOCR.stream`), so no request waits for a longer batch-mate or for a batch to finish;
+/health counts its decoding steps and the pages they carried (`row_steps`).
+
 Scaling out: `--workers N` runs N service processes behind one port (uvicorn's workers; the kernel
 hands each new connection to one of them), each with its own model and cores // N threads.
 """
@@ -97,6 +102,9 @@ class InferenceQueue:
         self.thread = threading.Thread(target=self._run, name="pix2tex-inference", daemon=True)
         self.batches = self.pages = self.forward_passes = 0
         self.cancelled = 0  # batches whose decode was stopped because nobody waited any more
+        # continuous batching where the model can (torch, greedy): pages join the running decode
+        self.streams = getattr(model, "can_stream", False)
+        self.decode_steps = self.row_steps = 0
 
     def start(self):
         self.thread.start()
@@ -116,6 +124,8 @@ class InferenceQueue:
         return fut
 
     def _run(self):
+        if self.streams:
+            return self._run_stream()
         while True:
             item = self.q.get()
             if item is None:
@@ -151,6 +161,80 @@ class InferenceQueue:
             self.forward_passes += self.model.decode_batches - passes
             for it, (text, err) in zip(items, results):
                 it.loop.call_soon_threadsafe(_settle, it.fut, text, err)
+
+
+    def _take(self, wait: bool, room: int) -> tuple[list[Job], bool]:
+        """Up to `room` queued jobs (blocking for the first one when `wait`, then gathering
+        company for batch_wait), and whether stop() was asked."""
+        items, stopping = [], False
+        gather_until = time.monotonic() + self.limits.batch_wait
+        while len(items) < room:
+            try:
+                if wait and not items:
+                    item = self.q.get()
+                elif wait:
+                    item = self.q.get(timeout=max(0.0, gather_until - time.monotonic()))
+                else:
+                    item = self.q.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                stopping = True
+                break
+            items.append(item)
+        return items, stopping
+
+    def _run_stream(self):
+        """Continuous batching: between two decoding steps, queued pages join the decode (up to
+        max_batch pages in it), each finished page is answered at once, and pages whose request
+        gave up (timed out, cancelled) leave it."""
+        stream = self.model.stream(self.limits.max_tokens)
+        jobs: dict[int, Job] = {}
+        next_key, stopping = 0, False
+        while True:
+            if not stopping:
+                new, stopping = self._take(wait=not jobs, room=self.limits.max_batch - len(jobs))
+                now = time.monotonic()
+                new = [it for it in new if not it.fut.done() and it.deadline > now]
+                if new:
+                    keys = list(range(next_key, next_key + len(new)))
+                    next_key += len(new)
+                    try:
+                        stream.add([it.page for it in new], keys)
+                        jobs.update(zip(keys, new))
+                        self.batches += 1
+                        self.forward_passes += 1  # one encoder pass for the pages that joined
+                        self.pages += len(new)
+                    except Exception as e:  # report to each request; keep serving
+                        for it in new:
+                            it.loop.call_soon_threadsafe(_settle, it.fut, None, e)
+            now = time.monotonic()
+            gone = [key for key, it in jobs.items() if it.fut.done() or it.deadline <= now]
+            if gone:
+                stream.drop(gone)
+                for key in gone:
+                    it = jobs.pop(key)
+                    it.loop.call_soon_threadsafe(_settle, it.fut, None, DecodeCancelled(
+                        "nobody waits for this result any more"))
+                self.cancelled += len(gone)
+            if not jobs:
+                if stopping:
+                    return
+                continue
+            rows = len(jobs)
+            try:
+                finished = stream.step()
+            except Exception as e:  # report to every request in the decode; start afresh
+                for it in jobs.values():
+                    it.loop.call_soon_threadsafe(_settle, it.fut, None, e)
+                jobs.clear()
+                stream = self.model.stream(self.limits.max_tokens)
+                continue
+            self.decode_steps, self.row_steps = self.decode_steps + 1, self.row_steps + rows
+            for key, reading in finished:
+                it = jobs.pop(key)
+                err = None if reading.complete else TooManyTokens(self.limits.max_tokens)
+                it.loop.call_soon_threadsafe(_settle, it.fut, None if err else reading, err)
 
 
 def _nobody_waits(items: list[Job]):
@@ -304,6 +388,8 @@ def create_app(model, limits: Limits | None = None):
                 "model": os.path.basename(os.path.normpath(model.checkpoint)),
                 "queued": inference.q.qsize(), "batches": inference.batches, "pages": inference.pages,
                 "forward_passes": inference.forward_passes, "cancelled": inference.cancelled,
+                "continuous_batching": inference.streams, "decode_steps": inference.decode_steps,
+                "row_steps": inference.row_steps,
                 "limits": limits.__dict__}
 
     @app.get("/")

@@ -266,3 +266,45 @@ def test_python_dash_m_entry_point(tiny_model, ocr, images):
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"${ocr(images[0])}$\n"
+
+
+def test_stream_pages_that_join_a_running_decode_read_as_alone():
+    """Continuous batching (the service's): with the shipped reader, real renders of three sizes
+    join a running greedy decode at different steps, each leaves at its own end, and every page
+    reads exactly as it does alone (fp32), with the same confidence; a dropped page never comes
+    back; the stream is reusable once empty."""
+    from pix2tex.verify import render_candidates
+
+    formulas = [r"\int _ { 0 } ^ { \infty } e ^ { - x ^ { 2 } } d x = \frac { \sqrt { \pi } } { 2 }",
+                r"E = m c ^ { 2 }",
+                r"\frac { a + b } { c ^ { 2 } } = \sum _ { i = 1 } ^ { n } x _ { i } + \alpha \beta"]
+    reader = LatexOCR(backend="torch", precision="fp32")
+    pages = [reader.preprocess(np.pad(p, 12, constant_values=255))
+             for p in render_candidates(formulas, 110)]
+    assert len({p.shape for p in pages}) == 3
+    alone = [reader.read([page])[0] for page in pages]
+    stream = reader.stream()
+    got = {}
+    stream.add([pages[0]], ["a"])
+    for _ in range(3):
+        got.update(stream.step())
+    stream.add(pages[1:], ["b", "c"])  # join 3 tokens into the first one's decode
+    stream.add([pages[0]], ["dropped"])
+    stream.step()
+    stream.drop(["dropped"])
+    while len(stream):
+        got.update(stream.step())
+    assert set(got) == {"a", "b", "c"}
+    for key, expected in zip("abc", alone):
+        assert got[key].latex == expected.latex and got[key].complete
+        assert abs(got[key].confidence - expected.confidence) <= 1e-4
+    assert stream.row_steps > stream.steps  # several pages per decoding step
+    stream.add([pages[1]], ["again"])
+    while len(stream):
+        done = dict(stream.step())
+    assert done["again"].latex == alone[1].latex
+
+
+def test_stream_needs_greedy_torch_decoding(ocr):
+    with pytest.raises(ValueError, match="continuous batching"):
+        LatexOCR(checkpoint=ocr.checkpoint, device="cpu", beam_width=3).stream()

@@ -199,7 +199,11 @@ def test_concurrent_requests_are_batched(server, ocr, images):
     passes = after["forward_passes"] - before["forward_passes"]
     assert pages == 16 and batches < pages  # concurrent requests were taken together
     assert len({ocr.preprocess(p).shape for p in images}) > 1  # several page sizes ...
-    assert passes == batches  # ... and still one decoding pass per batch
+    assert passes == batches  # ... and still one encoder pass per batch that joined
+    # continuous batching (torch, greedy): pages joined the running decode, several per step
+    assert after["continuous_batching"]
+    steps = after["decode_steps"] - before["decode_steps"]
+    assert after["row_steps"] - before["row_steps"] > steps > 0
 
 
 # --- bad input: a clear error, and the service keeps serving ----------------------------------

@@ -360,10 +360,18 @@ class LatexDecoder(CustomARWrapper):
         with room for position `pos`, which this step writes (earlier positions already there).
         inplace=False: self_k/self_v hold exactly positions 0..pos-1 and are not modified.
         cross_mask [B, 1, 1, N] (additive, in the caches' dtype): memories padded to one length.
+        pos [B] (a tensor, inplace only): each row at its own position (StreamState: rows join a
+        running decode); the caches then hold zeros where a row has not written yet, masked.
         Returns logits [B, V] for position pos+1 and this position's keys/values [La, B, H, 1, d].
         """
         B = tokens.shape[0]
         x = (weights["tok"][tokens] + weights["pos"][pos])[:, None, :]  # [B, 1, dim] float32
+        per_row = torch.is_tensor(pos)
+        if per_row:  # attend to positions 0..pos[b] of row b: an additive mask over the longest
+            rows, T = torch.arange(B, device=tokens.device), int(pos.max()) + 1
+            later = torch.arange(T, device=tokens.device)[None, :] > pos[:, None]
+            self_mask = torch.zeros(B, 1, 1, T, dtype=cross_k.dtype, device=tokens.device)
+            self_mask = self_mask.masked_fill(later[:, None, None, :], float("-inf"))
         dim, mm = x.shape[-1], weights["dtype"]  # matmul inputs in `mm`; the residual in float32
         a = c = 0
         new_k, new_v = [], []
@@ -376,13 +384,19 @@ class LatexDecoder(CustomARWrapper):
                 q, k, v = qkv.view(B, 1, 3, H, -1).permute(2, 0, 3, 1, 4)
                 new_k.append(k)
                 new_v.append(v)
-                if inplace:
-                    self_k[a, :, :, pos] = k[:, :, 0]
-                    self_v[a, :, :, pos] = v[:, :, 0]
-                    keys, values = self_k[a, :, :, :pos + 1], self_v[a, :, :, :pos + 1]
+                if per_row:
+                    self_k[a][rows, :, pos] = k[:, :, 0]
+                    self_v[a][rows, :, pos] = v[:, :, 0]
+                    out = F.scaled_dot_product_attention(q, self_k[a, :, :, :T], self_v[a, :, :, :T],
+                                                         attn_mask=self_mask)
                 else:
-                    keys, values = torch.cat([self_k[a], k], 2), torch.cat([self_v[a], v], 2)
-                out = F.scaled_dot_product_attention(q, keys, values)
+                    if inplace:
+                        self_k[a, :, :, pos] = k[:, :, 0]
+                        self_v[a, :, :, pos] = v[:, :, 0]
+                        keys, values = self_k[a, :, :, :pos + 1], self_v[a, :, :, :pos + 1]
+                    else:
+                        keys, values = torch.cat([self_k[a], k], 2), torch.cat([self_v[a], v], 2)
+                    out = F.scaled_dot_product_attention(q, keys, values)
                 a += 1
             elif kind == "c":
                 H = blk["heads"]
@@ -416,6 +430,16 @@ class LatexDecoder(CustomARWrapper):
         if self.lean:
             return LeanState(self, memory, max_len, beams, precision, cache_dtype, memory_mask)
         return super().start(memory, max_len, beams, precision, cache_dtype, memory_mask)
+
+
+    def stream(self, max_len: int, precision: str = "fp32",
+               cache_dtype: torch.dtype | None = None) -> "StreamState":
+        """An empty decoding state that rows join and leave between steps (continuous batching;
+        the lean step only)."""
+        if not self.lean:
+            raise ValueError("continuous batching needs the lean decoding step, which these "
+                             "decoder_args do not have")
+        return StreamState(self, max_len, precision, cache_dtype)
 
 
 def get_decoder(cfg) -> LatexDecoder:
@@ -502,3 +526,69 @@ class XTransformersState:
         for inter in self.cache.attn_intermediates:
             if inter.cached_kv is not None:
                 inter.cached_kv = [t[rows] for t in inter.cached_kv]
+
+
+class StreamState:
+    """A decoding state that rows join and leave between steps (continuous batching): each row
+    keeps its own position, so an image that joins a running decode starts at BOS while the others
+    go on, and a finished row leaves at once. step(tokens) -> float logits; join(memory);
+    select(rows). The self-attention caches are zeroed and masked beyond each row's position; the
+    cross caches of memories of different lengths are padded to the longest and masked."""
+
+    def __init__(self, decoder: LatexDecoder, max_len: int, precision: str,
+                 cache_dtype: torch.dtype | None = None):
+        self.decoder, self.weights = decoder, decoder.step_weights(precision, cache_dtype)
+        self.max_len = max_len
+        self.La = sum(b["kind"] == "a" for b in self.weights["blocks"])
+        self.cross_k = self.cross_v = self.cross_mask = self.self_k = self.self_v = None
+        self.pos = None  # [B] long: the position each row decodes next
+
+    def __len__(self) -> int:
+        return 0 if self.pos is None else len(self.pos)
+
+    def join(self, memory: torch.Tensor, memory_mask: torch.Tensor | None = None) -> None:
+        """Add one row per image of `memory` [b, N, dim] (memory_mask [b, N] as `start`'s), after
+        the rows already there; each starts at position 0 (its first step's token is BOS)."""
+        k, v = self.decoder.cross_kv(memory, self.weights)  # [Lc, b, H, N, d]
+        mask = additive_mask(memory_mask, k.dtype) if memory_mask is not None else \
+            torch.zeros(k.shape[1], 1, 1, k.shape[3], dtype=k.dtype, device=k.device)
+        Lc, b, H, _, d = k.shape
+        if not len(self):
+            self.cross_k, self.cross_v, self.cross_mask = k, v, mask
+            self.self_k = k.new_zeros(self.La, 0, H, self.max_len, d)
+            self.self_v = torch.zeros_like(self.self_k)
+            self.pos = torch.zeros(0, dtype=torch.long, device=k.device)
+        else:
+            n = max(self.cross_k.shape[3], k.shape[3])
+            self.cross_k, self.cross_v, self.cross_mask = (
+                torch.cat([_pad_to(old, n, dim, fill), _pad_to(new, n, dim, fill)], batch)
+                for old, new, dim, batch, fill in ((self.cross_k, k, 3, 1, 0.0),
+                                                   (self.cross_v, v, 3, 1, 0.0),
+                                                   (self.cross_mask, mask, 3, 0, None)))
+        self.self_k = torch.cat([self.self_k, self.self_k.new_zeros(self.La, b, H, self.max_len, d)], 1)
+        self.self_v = torch.cat([self.self_v, self.self_v.new_zeros(self.La, b, H, self.max_len, d)], 1)
+        self.pos = torch.cat([self.pos, self.pos.new_zeros(b)])
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B]: each row's token at its position -> logits [B, V] for the next one."""
+        logits, _, _ = self.decoder.decode_step(tokens, self.pos, self.cross_k, self.cross_v,
+                                                self.self_k, self.self_v, self.weights,
+                                                cross_mask=self.cross_mask)
+        self.pos = self.pos + 1
+        return logits.float()
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep rows `rows` (in that order)."""
+        self.cross_k, self.cross_v = self.cross_k[:, rows], self.cross_v[:, rows]
+        self.cross_mask, self.pos = self.cross_mask[rows], self.pos[rows]
+        self.self_k, self.self_v = self.self_k[:, rows], self.self_v[:, rows]
+
+
+def _pad_to(t: torch.Tensor, n: int, dim: int, fill: float | None = 0.0) -> torch.Tensor:
+    """`t` padded along `dim` to length n with `fill` (None: -inf, a masked memory position)."""
+    if t.shape[dim] == n:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n - t.shape[dim]
+    pad = t.new_full(shape, float("-inf") if fill is None else fill)
+    return torch.cat([t, pad], dim)

@@ -178,3 +178,67 @@ def beam_search(state, batch: int, beam_width: int, max_len: int, bos: int, eos:
         return out
     return out, all_scores[rows, best] * lengths.float() ** length_penalty  # undo the penalty
 
+
+class GreedyStream:
+    """Greedy decoding with continuous batching over a decoder.StreamState: images join between
+    steps (`add`) and each leaves at its EOS or at `max_len` tokens (`step` returns it), so no
+    image waits for a batch-mate's longer formula and a new one need not wait for the batch to
+    end. Each row decodes as it would alone (its own positions; padding masked)."""
+
+    def __init__(self, state, bos: int, eos: int, pad: int, max_len: int):
+        if max_len > state.max_len:
+            raise ValueError(f"max_len={max_len} exceeds the state's room ({state.max_len})")
+        self.state, self.bos, self.eos, self.pad, self.max_len = state, bos, eos, pad, max_len
+        self.keys: list = []  # the caller's key of each row
+        self.tokens = self.ids = self.logprob = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, memory, memory_mask, keys: list) -> None:
+        """One row per image of `memory` [b, N, dim] (memory_mask [b, N] or None), known by `keys`."""
+        b, device = memory.shape[0], memory.device
+        if len(keys) != b:
+            raise ValueError(f"{len(keys)} keys for {b} images")
+        self.state.join(memory, memory_mask)
+        new = (torch.full((b,), self.bos, dtype=torch.long, device=device),
+               torch.full((b, self.max_len), self.pad, dtype=torch.long, device=device),
+               torch.zeros(b, device=device))
+        if self.tokens is None or not self.keys:
+            self.tokens, self.ids, self.logprob = new
+        else:
+            self.tokens, self.ids, self.logprob = (torch.cat([old, n]) for old, n in
+                                                   zip((self.tokens, self.ids, self.logprob), new))
+        self.keys += list(keys)
+
+    def step(self) -> list[tuple]:
+        """One token for every row. Returns the rows that finished, as (key, token ids without
+        BOS, EOS included when it came, sequence log-probability, complete: ended with EOS)."""
+        if not self.keys:
+            return []
+        logits = mask_pad_bos(self.state.step(self.tokens), self.bos, self.eos, self.pad)
+        tokens = logits.argmax(dim=-1)
+        written = self.state.pos  # tokens so far per row, this one included
+        self.ids[torch.arange(len(tokens), device=tokens.device), written - 1] = tokens
+        self.logprob += logits.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
+        ended = tokens == self.eos
+        finished = ended | (written >= self.max_len)
+        self.tokens = tokens
+        if not bool(finished.any()):
+            return []
+        out = [(self.keys[r], self.ids[r, :int(written[r])].tolist(), float(self.logprob[r]),
+                bool(ended[r])) for r in finished.nonzero()[:, 0].tolist()]
+        self._keep((~finished).nonzero()[:, 0])
+        return out
+
+    def drop(self, keys) -> None:
+        """Remove the rows of `keys` (requests nobody waits for any more)."""
+        gone = set(keys)
+        keep = [r for r, key in enumerate(self.keys) if key not in gone]
+        if len(keep) < len(self.keys):
+            self._keep(torch.tensor(keep, dtype=torch.long, device=self.tokens.device))
+
+    def _keep(self, rows: torch.Tensor) -> None:
+        self.keys = [self.keys[r] for r in rows.tolist()]
+        self.state.select(rows)  # no rows left: the next join starts the caches afresh
+        self.tokens, self.ids, self.logprob = self.tokens[rows], self.ids[rows], self.logprob[rows]
