@@ -117,6 +117,9 @@ DEFAULTS: dict[str, Any] = {
         "embed_decoder": False,  # also match decoder hidden states (not only encoder output)
         "pseudo_labels": None,  # dataset pkl of teacher beam outputs to train on (sequence KD)
         "beam_width": 5,
+        # start the student from the teacher's weights (weight selection: the first n channels,
+        # dims and heads of each tensor; pix2tex.distill.weight_selection) instead of at random
+        "init_from_teacher": False,
     },
 }
 

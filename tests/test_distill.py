@@ -312,6 +312,33 @@ def test_each_experiment_config_distills_a_few_steps(name, tiny_model, tiny_data
         p.numel() for p in summary["teacher"].parameters())
 
 
+def student_val_loss(student_ckpt, tiny_data) -> float:
+    """The exported student's mean cross-entropy on the tiny validation formulas (ground truth)."""
+    ckpt = load_checkpoint(student_ckpt)
+    student = get_model(load_config(None, base=ckpt["config"]))
+    load_model_weights(student, ckpt)
+    data = Im2LatexDataset.load(tiny_data.val_pkl).update(
+        batchsize=8, shuffle=False, transform="test", keep_smaller_batches=True, max_seq_len=64,
+        max_dimensions=(256, 64))
+    with torch.no_grad():
+        losses = [student.eval()(*data.load_batch(b, 0, i)).item()
+                  for i, b in enumerate(data.batch_plan(0))]
+    return sum(losses) / len(losses)
+
+
+def test_soft_targets_reach_a_lower_val_loss_than_no_teacher_on_the_same_budget(
+        tiny_model, tiny_data, tmp_path):
+    """Knowledge distillation does what it is for: the same tiny student, seed, data and steps,
+    trained with the teacher's soft targets (target_soft) ends with a lower validation loss than
+    trained on the ground truth alone (original)."""
+    losses = {}
+    for name in ("original", "target_soft"):
+        cfg = distill_cfg(name, tiny_data, tiny_model.checkpoint, tmp_path,
+                          extra=["max_steps=80", "seed=0", "epochs=1000"])
+        losses[name] = student_val_loss(distill(cfg)["student_checkpoint"], tiny_data)
+    assert losses["target_soft"] < losses["original"], losses
+
+
 def test_command_line_makes_pseudo_labels_distills_and_compares(tiny_model, tiny_data, tmp_path,
                                                                 capsys):
     """`python -m pix2tex.distill` with a BS config whose label pkl is missing: the teacher's beam
@@ -381,3 +408,49 @@ def test_distill_table_runs_each_experiment_per_seed_and_reports_mean_and_spread
     assert len(Im2LatexDataset.load(out / "train.pkl").formulas) == 40
     table = (out / "table.md").read_text()
     assert "| original |" in table and "image match" in table and " ± " in table
+
+
+def test_weight_selection_starts_the_student_inside_the_teacher():
+    """`distill.init_from_teacher`: the student of the shipped reader takes the first channels,
+    dims and heads of the reader's tensors (a gated output half by half), its extra shortcut
+    starts as the identity, and it starts with a far lower loss on real rendered formulas than
+    the same student at random."""
+    import numpy as np
+
+    from pix2tex.dataset.tokenizer import load_tokenizer
+    from pix2tex.distill.weight_selection import select_weights
+    from pix2tex.predict import LatexOCR
+    from pix2tex.preprocess import normalize
+    from pix2tex.verify import render_candidates
+
+    reader = LatexOCR(backend="torch", precision="fp32")
+    teacher = reader.model
+    cfg = load_config(REPO / "settings" / "distill" / "target_soft.yaml",
+                      extends=REPO / "settings" / "distill" / "student-cpu.yaml")
+    torch.manual_seed(0)
+    random_student, student = get_model(cfg), get_model(cfg)
+    student.load_state_dict(random_student.state_dict())
+    counts = select_weights(student, teacher)
+    assert counts["selected"] > 50 and counts["identity"] == 1 and counts["kept"] <= 5, counts
+    t, s = teacher.state_dict(), student.state_dict()
+    conv = "encoder.backbone.layer2.1.conv1.weight"  # [128, 128, 3, 3] -> [64, 64, 3, 3]
+    assert torch.equal(s[conv], t[conv][:64, :64])
+    gated = "decoder.net.attn_layers.layers.0.1.to_out.0.weight"  # [2 x 256, 256] -> [2 x 128, 128]
+    assert torch.equal(s[gated], torch.cat([t[gated][:128, :128], t[gated][256:384, :128]]))
+    shortcut = s["encoder.backbone.layer1.0.downsample.0.weight"][:, :, 0, 0]  # 64 -> 32 channels
+    assert torch.equal(shortcut, torch.eye(32, 64))
+
+    formulas = [r"E = m c ^ { 2 }", r"\frac { a + b } { c ^ { 2 } } = \sum _ { i = 1 } ^ { n } x _ { i }",
+                r"\int _ { 0 } ^ { 1 } f ( x ) d x", r"\alpha _ { i } ^ { 2 } + \beta _ { j }"]
+    pages = [reader.preprocess(np.pad(p, 12, constant_values=255)) for p in render_candidates(formulas, 110)]
+    h, w = max(p.shape[0] for p in pages), max(p.shape[1] for p in pages)
+    images = torch.from_numpy(normalize(np.stack([np.pad(p, ((0, h - p.shape[0]), (0, w - p.shape[1])),
+                                                         constant_values=255) for p in pages])))
+    ids = load_tokenizer(REPO / "models" / "tokenizer.json").encode_batch(formulas)
+    tgt = torch.full((len(ids), max(map(len, ids)) + 2), cfg.pad_token)
+    for row, seq in zip(tgt, ids):
+        row[:len(seq) + 2] = torch.tensor([cfg.bos_token, *seq, cfg.eos_token])
+    with torch.no_grad():
+        losses = {name: m.eval()(images, tgt).item() for name, m in
+                  (("teacher", teacher), ("random", random_student), ("selected", student))}
+    assert losses["teacher"] < 1.0 and losses["selected"] < losses["random"] - 1.0, losses

@@ -173,14 +173,17 @@ def student_from(state: dict) -> dict:
     return state
 
 
-def export_student(run_dir: str, teacher_ckpt: str | None = None) -> str:
-    """`<run>/student/best.pth` from the run's best.pth (else last.pth): the student's weights,
-    config and tokenizer, a checkpoint like train.py's that eval and predict load. Returns it."""
-    source = os.path.join(run_dir, "best.pth")
+def export_student(run_dir: str, teacher_ckpt: str | None = None, which: str = "best") -> str:
+    """`<run>/student/<which>.pth` from the run's <which>.pth (`best`, else last.pth; or `last`):
+    the student's weights, config and tokenizer, a checkpoint like train.py's that eval, predict
+    and release load. Returns it."""
+    if which not in ("best", "last"):
+        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    source = os.path.join(run_dir, f"{which}.pth")
     if not os.path.isfile(source):
         source = os.path.join(run_dir, "last.pth")
     ckpt = load_checkpoint(source)
-    out = os.path.join(run_dir, "student", "best.pth")  # a subfolder: --resume never picks it
+    out = os.path.join(run_dir, "student", f"{which}.pth")  # a subfolder: --resume never picks it
     save_checkpoint({"model": student_from(ckpt["model"]), "config": ckpt["config"],
                      "tokenizer": ckpt.get("tokenizer"), "tokenizer_sha256": ckpt.get("tokenizer_sha256"),
                      "metrics": ckpt.get("metrics", {}), "distilled_step": ckpt.get("step"),
@@ -228,6 +231,12 @@ def distill(cfg, resume: bool = False, echo=None, train_data=None, val_data=None
         if echo:
             echo(f"student starts from the weights of {cfg.load_ckpt}")
         cfg.load_ckpt = None
+    elif d.init_from_teacher:
+        from pix2tex.distill.weight_selection import select_weights
+
+        counts = select_weights(student, teacher)
+        if echo:
+            echo(f"student starts from the teacher's weights (weight selection): {counts}")
     model = Distiller(student, teacher, d)
     summary = train(cfg, model=model, loss_fn=distill_loss, train_data=train_data, val_data=val_data,
                     resume=resume, echo=echo)
