@@ -5,38 +5,26 @@
 # starts from the shipped weights (or from scratch with FROM_SCRATCH=1), every later one resumes
 # the run folder and adds LEG_STEPS (whole LR cycles of settings/config-cpu.yaml). Run it alone on
 # the machine: a second busy process slows training severalfold.
-#   SHARED (default ../shared/data), DATA (data/mix), TEST (data/im2latex_val),
+#   SHARED (as scripts/mix_data.sh), DATA (data/mix), TEST (data/im2latex_val),
 #   LEG_STEPS (default 5000: one cycle, ~100 min here), THREADS (torch threads, default all cores),
 #   RELEASE=0 to measure without releasing, LEG_NOTE (what the leg changed, for the curve),
-#   SYNTH_MULTILINE (synthetic multi-line formulas in the mix, default 20000; another number
+#   SYNTH_MULTILINE (synthetic multi-line formulas in the mix, default 90000 as in leg 6; another number
 #   changes train and val: the run's best metric then starts afresh on the new val set),
 #   TRAIN_OVERRIDES (extra dotted key=value overrides for the training command, e.g. a warm
 #   start's optimizer.lr at the decayed peak the resumed run would have reached).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" NO_ALBUMENTATIONS_UPDATE=1
-SHARED=${SHARED:-../shared/data}
 DATA=${DATA:-data/mix}
 TEST=${TEST:-data/im2latex_val}
 LEG_STEPS=${LEG_STEPS:-5000}
-SYNTH_MULTILINE=${SYNTH_MULTILINE:-20000}
 CONFIG=settings/config-cpu.yaml
 RUN=checkpoints/pix2tex-cpu
 export OMP_NUM_THREADS=${THREADS:-$(nproc)}
-for f in arxiv_display.norm.txt wikipedia_math.raw.txt im2latex_val.norm.txt; do
-  [ -f "$SHARED/$f" ] || { echo "error: $SHARED/$f not found (set SHARED=folder with the corpora)" >&2; exit 2; }
-done
 
-echo "== 1/4 data: arXiv display + Wikipedia + synthetic multi-line formulas (train/val) -> $DATA;"
-echo "   im2latex val (test, 100-130 dpi like every earlier measure) -> $TEST; the shipped tokenizer"
-mkdir -p "$DATA"
-python -m dataset_tools.synth -n "$SYNTH_MULTILINE" --seed 1 -o "$DATA/synth_multiline.txt" \
-  --set w_matrix=10 w_cases=6 p_aligned=0.25
-./create_data.sh --formulas "$SHARED/arxiv_display.norm.txt" "$SHARED/wikipedia_math.raw.txt" \
-  "$DATA/synth_multiline.txt" --test-formulas "$SHARED/im2latex_val.norm.txt" \
-  --tokenizer models/tokenizer.json --out "$DATA" --split 0.98,0.02,0 --dpi 95 140
-./create_data.sh --test-formulas "$SHARED/im2latex_val.norm.txt" --tokenizer models/tokenizer.json \
-  --out "$TEST"
+echo "== 1/4 data (scripts/mix_data.sh): arXiv display + Wikipedia + synthetic multi-line formulas"
+echo "   (train/val) -> $DATA; im2latex val (test, 100-130 dpi like every earlier measure) -> $TEST"
+DATA="$DATA" TEST="$TEST" bash scripts/mix_data.sh  # SHARED, SYNTH_MULTILINE: from the environment
 
 echo "== 2/4 train $CONFIG: one leg of $LEG_STEPS steps"
 data_args=(data="$DATA/train.pkl" valdata="$DATA/val.pkl" tokenizer="$DATA/tokenizer.json" ${TRAIN_OVERRIDES:-})
