@@ -160,6 +160,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="the server's torch/onnxruntime threads")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    ap.add_argument("--static-batching", action="store_true",
+                    help="the service decodes each queued batch to its end (no continuous batching)")
     ap.add_argument("--checkpoint", default=os.path.join(REPO, "models", "pix2tex.pth"),
                     help="serve this model (default: the shipped one)")
     ap.add_argument("--images", nargs="*", help="images to send (default: --formulas rendered "
@@ -193,7 +195,8 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, "-m", "pix2tex.serve", "--checkpoint", ckpt,
                                "--backend", opts.backend, "--host", "127.0.0.1", "--port", str(port),
                                "--threads", str(opts.threads), "--max-batch", str(opts.max_batch),
-                               "--queue-size", str(max(64, 4 * opts.clients))],
+                               "--queue-size", str(max(64, 4 * opts.clients)),
+                               *(["--static-batching"] if opts.static_batching else [])],
                               cwd=REPO, env=env, stderr=open(server_log, "w"))
     try:
         for _ in range(600):

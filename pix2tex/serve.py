@@ -72,6 +72,7 @@ class Limits:
     max_batch: int = 8  # pages per forward pass
     batch_wait: float = 0.002  # seconds the inference thread waits for company after the first page
     preprocess_threads: int = 2  # concurrent decodes (bounds the memory of big images)
+    continuous: bool = True  # continuous batching where the model can (else each batch to its end)
 
 
 class QueueFull(RuntimeError):
@@ -103,7 +104,7 @@ class InferenceQueue:
         self.batches = self.pages = self.forward_passes = 0
         self.cancelled = 0  # batches whose decode was stopped because nobody waited any more
         # continuous batching where the model can (torch, greedy): pages join the running decode
-        self.streams = getattr(model, "can_stream", False)
+        self.streams = limits.continuous and getattr(model, "can_stream", False)
         self.decode_steps = self.row_steps = 0
 
     def start(self):
@@ -435,6 +436,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--queue-size", type=int, default=d.queue_size)
     p.add_argument("--max-batch", type=int, default=d.max_batch)
     p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait * 1000)
+    p.add_argument("--static-batching", action="store_true",
+                   help="decode each batch taken from the queue to its end instead of letting "
+                        "new pages join the running decode (for comparison)")
     p.add_argument("--max-connections", type=int, default=256, help="more concurrent connections get 503")
     a = p.parse_args(argv)
     if a.workers < 1:
@@ -450,7 +454,8 @@ def app_from_args(a: argparse.Namespace):
 
     limits = Limits(max_upload_bytes=a.max_upload_bytes, max_pixels=a.max_pixels, max_files=a.max_files,
                     timeout=a.timeout, max_tokens=a.max_tokens, queue_size=a.queue_size,
-                    max_batch=a.max_batch, batch_wait=a.batch_wait_ms / 1000)
+                    max_batch=a.max_batch, batch_wait=a.batch_wait_ms / 1000,
+                    continuous=not a.static_batching)
     model = LatexOCR(a.checkpoint, config=a.config, tokenizer=a.tokenizer, device=a.device,
                      backend=a.backend, beam_width=a.beam, batch_size=a.max_batch, threads=a.threads,
                      verify=a.verify, model=a.model)

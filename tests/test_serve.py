@@ -206,6 +206,19 @@ def test_concurrent_requests_are_batched(server, ocr, images):
     assert after["row_steps"] - before["row_steps"] > steps > 0
 
 
+def test_static_batching_on_request(ocr, images):
+    """--static-batching: each batch taken from the queue is decoded to its end, same answers."""
+    s = Server(create_app(ocr, Limits(continuous=False)))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda p: post_image(s.port, p.read_bytes()), images))
+        assert [body["latex"] for _, body, _ in answers] == [ocr(p) for p in images]
+        health = request(s.port, "GET", "/health")[1]
+        assert not health["continuous_batching"] and health["decode_steps"] == 0
+    finally:
+        s.close()
+
+
 # --- bad input: a clear error, and the service keeps serving ----------------------------------
 
 @pytest.mark.parametrize("name,data,ctype,status,message", [
