@@ -5,7 +5,9 @@
 # no pseudo-label pass over the 244k training formulas), then its measure on the im2latex-100k
 # validation formulas (held out) and, when that improved, its release. Like the reader, the
 # student is trained in legs of one session each: the first leg starts from the shipped student
-# when there is one (else from scratch), every later one resumes the run folder and adds
+# when there is one (else from the teacher's weights by weight selection: at step 1,000 it had
+# the validation loss a random start reached after ~2,500), every later one resumes the run
+# folder and adds
 # LEG_STEPS (one cosine cycle, each cycle's peak 0.9x the one before). Run it alone on the machine.
 #   SHARED, DATA (data/mix), TEST (data/im2latex_val), SYNTH_MULTILINE: as scripts/mix_data.sh;
 #   RECIPE (an experiment of settings/distill/), LEG_STEPS (default 6000), THREADS,
@@ -38,8 +40,8 @@ if [ -f "$RUN/last.pth" ]; then
   python -m pix2tex.distill "${args[@]}" max_steps=$((step + LEG_STEPS)) --resume
 elif [ -f "$SHIPPED_WEIGHTS" ]; then  # the run folder is gone: warm start from the shipped student
   python -m pix2tex.distill "${args[@]}" max_steps="$LEG_STEPS" load_ckpt="$SHIPPED_WEIGHTS"
-else
-  python -m pix2tex.distill "${args[@]}" max_steps="$LEG_STEPS"
+else  # a fresh run starts inside the teacher (weight selection), not at random
+  python -m pix2tex.distill "${args[@]}" max_steps="$LEG_STEPS" distill.init_from_teacher=true
 fi
 minutes=$(( ($(date +%s) - t0) / 60 ))
 
