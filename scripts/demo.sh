@@ -10,7 +10,7 @@ DATA=${DEMO_DIR:-data/demo}
 RUNS=${DEMO_RUNS:-runs/demo}
 NUM=${DEMO_NUM:-10000}
 TEACHER_STEPS=${DEMO_TEACHER_STEPS:-9000}
-STUDENT_STEPS=${DEMO_STUDENT_STEPS:-4000}
+STUDENT_STEPS=${DEMO_STUDENT_STEPS:-8000}
 start=$(date +%s)
 # Short synthetic formulas render 16 px tall: keep them (the default minimum is 32 px).
 paths="data=$DATA/train.pkl valdata=$DATA/val.pkl tokenizer=$DATA/tokenizer.json model_path=$RUNS min_height=16"
