@@ -127,23 +127,10 @@ class InferenceQueue:
     def _run(self):
         if self.streams:
             return self._run_stream()
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            items = [item]
-            gather_until = time.monotonic() + self.limits.batch_wait
-            while len(items) < self.limits.max_batch:
-                try:
-                    nxt = self.q.get(timeout=max(0.0, gather_until - time.monotonic()))
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self.q.put(None)  # stop after this batch
-                    break
-                items.append(nxt)
-            now = time.monotonic()
-            items = [it for it in items if not it.fut.done() and it.deadline > now]  # timed out already
+        stopping = False
+        while not stopping:
+            items, stopping = self._take(wait=True, room=self.limits.max_batch)
+            items = _still_wanted(items)
             if not items:
                 continue
             passes = self.model.decode_batches
@@ -195,8 +182,7 @@ class InferenceQueue:
         while True:
             if not stopping:
                 new, stopping = self._take(wait=not jobs, room=self.limits.max_batch - len(jobs))
-                now = time.monotonic()
-                new = [it for it in new if not it.fut.done() and it.deadline > now]
+                new = _still_wanted(new)
                 if new:
                     keys = list(range(next_key, next_key + len(new)))
                     next_key += len(new)
@@ -236,6 +222,12 @@ class InferenceQueue:
                 it = jobs.pop(key)
                 err = None if reading.complete else TooManyTokens(self.limits.max_tokens)
                 it.loop.call_soon_threadsafe(_settle, it.fut, None if err else reading, err)
+
+
+def _still_wanted(items: list[Job]) -> list[Job]:
+    """The jobs whose request still waits (not timed out or cancelled already)."""
+    now = time.monotonic()
+    return [it for it in items if not it.fut.done() and it.deadline > now]
 
 
 def _nobody_waits(items: list[Job]):

@@ -552,7 +552,7 @@ class StreamState:
         k, v = self.decoder.cross_kv(memory, self.weights)  # [Lc, b, H, N, d]
         mask = additive_mask(memory_mask, k.dtype) if memory_mask is not None else \
             torch.zeros(k.shape[1], 1, 1, k.shape[3], dtype=k.dtype, device=k.device)
-        Lc, b, H, _, d = k.shape
+        _, b, H, _, d = k.shape
         if not len(self):
             self.cross_k, self.cross_v, self.cross_mask = k, v, mask
             self.self_k = k.new_zeros(self.La, 0, H, self.max_len, d)
