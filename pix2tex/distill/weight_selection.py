@@ -8,9 +8,10 @@ reads, the residual stream and the attention heads stay aligned, and the student
 layer is the teacher's first. Two x-transformers outputs are two halves (a gated linear unit:
 value, then gate) and are selected half by half: the attention output projection with
 attn_on_attn and the gated feed-forward's input projection. BatchNorm statistics are selected
-like its weights, so a kept channel is normalized as in the teacher. A shortcut projection the
-student has where the teacher's shortcut is the identity (timm adds one when a narrower first
-stage follows the stem) starts as the identity on the kept channels. What else the student has and
+like its weights, so a kept channel is normalized as in the teacher. A 1x1 shortcut projection
+the teacher lacks (timm adds one when a narrower first stage follows the stem, where the
+teacher's shortcut is the identity) starts as the identity on the kept channels, also where the
+teacher has no such encoder at all. What else the student has and
 the teacher lacks (another name, or a size larger than the teacher's) keeps its random start.
 """
 from __future__ import annotations
