@@ -7,8 +7,8 @@
 # student is trained in legs of one session each: the first leg starts from the shipped student
 # when there is one (else from the teacher's weights by weight selection: at step 1,000 it had
 # the validation loss a random start reached after ~2,500), every later one resumes the run
-# folder and adds
-# LEG_STEPS (one cosine cycle, each cycle's peak 0.9x the one before). Run it alone on the machine.
+# folder and adds LEG_STEPS (one cosine cycle, each cycle's peak 0.9x the one before). Run it alone
+# on the machine.
 #   SHARED, DATA (data/mix), TEST (data/im2latex_val), SYNTH_MULTILINE: as scripts/mix_data.sh;
 #   RECIPE (an experiment of settings/distill/), LEG_STEPS (default 9000: ~110 minutes here), THREADS,
 #   RELEASE=0 to measure without releasing, TRAIN_OVERRIDES (extra key=value overrides).
