@@ -20,6 +20,10 @@ usage: ./create_data.sh [options]
   --max-tokens M        synthetic: longest formula in LaTeX tokens (default 60)
   --split A,B,C         train,val,test fractions (default 0.9,0.05,0.05)
   --dpi LO HI           render resolution range (default 100 130)
+  --scale-dpi LO HI     scale augmentation: --scale-share of the formulas rendered at a dpi
+                        log-uniform in LO..HI (e.g. 55 460: 0.5x-4x the training scale), and every
+                        image brought to the training glyph scale as prediction does (off by default)
+  --scale-share P       share of the formulas drawn from --scale-dpi (default 0.4 with --scale-dpi)
   --fonts a,b           LaTeX font packages to draw from (default: the renderer's)
   --vocab-size N        BPE vocabulary size (default 8000)
   --tokenizer FILE      use this tokenizer.json (copied to DIR/tokenizer.json) instead of training
@@ -33,7 +37,7 @@ EOF
 }
 
 OUT="$REPO/data/default"; NUM=10000; MEAN_TOKENS=24; MAX_TOKENS=60; SPLIT=0.9,0.05,0.05
-DPI=(100 130); FONTS=""; VOCAB=8000; WORKERS=$(nproc 2>/dev/null || echo 2); SEED=0; MAX_SEQ_LEN=512
+DPI=(100 130); SCALE_DPI=(); SCALE_SHARE=0.4; FONTS=""; VOCAB=8000; WORKERS=$(nproc 2>/dev/null || echo 2); SEED=0; MAX_SEQ_LEN=512
 FILES=(); TEST_FILE=""; TOKENIZER=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -47,6 +51,8 @@ while [ $# -gt 0 ]; do
     --max-tokens) MAX_TOKENS=$2; shift ;;
     --split) SPLIT=$2; shift ;;
     --dpi) DPI=("$2" "$3"); shift 2 ;;
+    --scale-dpi) SCALE_DPI=("$2" "$3"); shift 2 ;;
+    --scale-share) SCALE_SHARE=$2; shift ;;
     --fonts) FONTS=$2; shift ;;
     --vocab-size) VOCAB=$2; shift ;;
     --tokenizer) TOKENIZER="$(realpath -m "$2")"; shift ;;
@@ -156,6 +162,8 @@ fi
 listing() { ls -l --time-style=+%s "$OUT/images/$1" 2>/dev/null | sha256sum | cut -c1-64; }
 RENDER_ARGS=(--dpi "${DPI[@]}" --seed "$SEED")  # what the images depend on
 [ -n "$FONTS" ] && RENDER_ARGS+=(--fonts "$FONTS")
+# only when asked: the arguments sign the images, and earlier data sets must stay up to date
+[ ${#SCALE_DPI[@]} -eq 0 ] || RENDER_ARGS+=(--scale-dpi "${SCALE_DPI[@]}" --scale-share "$SCALE_SHARE")
 SPLITS=(train val test); [ -z "$TEST_ONLY" ] || SPLITS=(test)
 for s in "${SPLITS[@]}"; do
   # Images rendered from other formulas or settings are stale: start that split afresh. Otherwise

@@ -2,13 +2,18 @@
 
     python -m dataset_tools.render FORMULAS.txt -o OUT_DIR [--dpi LO HI] [--dpi-step 5]
         [--fonts cm,mathptmx,...] [--workers N] [--seed S] [--patch-size 16] [--rejects FILE]
+        [--scale-dpi 55 460 --scale-share 0.4]
 
 Line i of FORMULAS.txt (0-based) becomes OUT_DIR/{i:07d}.png: grayscale ("L"), dark ink on white,
 cropped to the ink with `margin` px around it and padded with white (ink centred) so that width and
-height are multiples of `patch_size`. A formula that does not render is never dropped silently:
-it lands in `RenderResult.rejected` and in the rejects file (CLI default OUT_DIR + ".rejects.txt",
-a sibling of the image folder) as `index<TAB>reason<TAB>formula`, sorted by index. The rejects
-file is rewritten by each run and lists every formula of the input without an image.
+height are multiples of `patch_size`. With `--scale-dpi LO HI --scale-share P` (scale
+augmentation) a share P of the formulas is drawn at a dpi from LO..HI (e.g. 0.5x-4x the training
+resolution) and every image is brought to the training glyph scale by prediction's own step
+(`pix2tex.preprocess.normalize_scale`), so the model trains on what a screenshot becomes.
+A formula that does not render is never dropped silently: it lands in `RenderResult.rejected`
+and in the rejects file (CLI default OUT_DIR + ".rejects.txt", a sibling of the image folder) as
+`index<TAB>reason<TAB>formula`, sorted by index. The rejects file is rewritten by each run and
+lists every formula of the input without an image.
 
 How it works. Each formula gets a font package and a dpi (lo, lo + dpi_step, ... <= hi) drawn
 from `Random(f"{seed}:{index}")`, so a resumed run draws the same. Formulas are grouped by font,
@@ -62,6 +67,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
+
+from pix2tex.preprocess import normalize_scale  # numpy and Pillow only, like this module
 
 # Math font packages, in the order `available_fonts()` lists them ("cm": no package, Computer
 # Modern). All ship with the Debian packages texlive-latex-base/-recommended/-fonts-recommended.
@@ -229,12 +236,23 @@ def available_fonts() -> list[str]:
 
 
 def choose_style(index: int, seed: int, dpi: tuple[int, int], fonts: list[str],
-                 dpi_step: int = DEFAULT_DPI_STEP) -> tuple[str, int]:
+                 dpi_step: int = DEFAULT_DPI_STEP, scale_dpi: tuple[int, int] | None = None,
+                 scale_share: float = 0.0) -> tuple[str, int]:
     """The (font, dpi) of formula `index`: a pure function of its arguments, so resumed and
-    repeated runs draw the same. dpi is one of lo, lo + dpi_step, ... <= hi."""
+    repeated runs draw the same. dpi is one of lo, lo + dpi_step, ... <= hi; with `scale_dpi`, a
+    share `scale_share` of the formulas is drawn from that range instead, log-uniformly (as many
+    between 2x and 4x the training scale as between 1x and 2x), rounded to dpi_step."""
     rng = random.Random(f"{seed}:{index}")
     font = fonts[rng.randrange(len(fonts))]
-    return font, dpi[0] + dpi_step * rng.randint(0, (dpi[1] - dpi[0]) // dpi_step)
+    d = dpi[0] + dpi_step * rng.randint(0, (dpi[1] - dpi[0]) // dpi_step)
+    if scale_dpi is not None and scale_share > 0:
+        # a generator of its own: the draws above stay what they were without scale_dpi
+        far = random.Random(f"{seed}:{index}:scale")
+        if far.random() < scale_share:
+            lo, hi = scale_dpi
+            d = math.exp(far.uniform(math.log(lo), math.log(hi)))
+            d = min(hi, max(lo, lo + dpi_step * round((d - lo) / dpi_step)))
+    return font, int(d)
 
 
 # --- results -----------------------------------------------------------------------------------
@@ -482,8 +500,11 @@ _OWN_SPECIALS = {b"header=l3backend-dvips.pro"}
 
 # --- one batch: latex, dvipng, crop/pad ----------------------------------------------------------
 
-def _postprocess(src: str, dst: str, patch_size: int, margin: int) -> str | None:
-    """dvipng page -> final PNG (atomic). Returns a reject reason or None."""
+def _postprocess(src: str, dst: str, patch_size: int, margin: int,
+                 scale: bool = False) -> str | None:
+    """dvipng page -> final PNG (atomic). Returns a reject reason or None. scale: bring the
+    cropped ink to the training glyph scale as prediction does (pix2tex.preprocess.normalize_scale)
+    before the padding."""
     with open(src, "rb") as f:  # the PNG header's size, before anything is decoded
         head = f.read(24)
     w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
@@ -499,6 +520,8 @@ def _postprocess(src: str, dst: str, patch_size: int, margin: int) -> str | None
         return "empty image (no ink)"
     cols = np.flatnonzero((a < 255).any(axis=0))
     a = a[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    if scale:
+        a = normalize_scale(a)
     h, w = a.shape
     H = -(-(h + 2 * margin) // patch_size) * patch_size
     W = -(-(w + 2 * margin) // patch_size) * patch_size
@@ -545,7 +568,7 @@ def _dvipng(jobs: list[_Job], workdir: str, timeout: float, t: dict) -> dict[int
 
 
 def _render_batch(font: str, jobs: list[_Job], out_dir: str, patch_size: int, margin: int,
-                  timeout: float) -> tuple[list[tuple[int, str | None, str | None]], dict]:
+                  timeout: float, scale: bool) -> tuple[list[tuple[int, str | None, str | None]], dict]:
     """Typeset and draw one batch (one font). Returns ([(index, png, reason)], timings)."""
     t = dict.fromkeys(TIMING_KEYS, 0.0)
     t["batches"] = 1
@@ -563,7 +586,7 @@ def _render_batch(font: str, jobs: list[_Job], out_dir: str, patch_size: int, ma
                     results.append((j.index, None, made[j.index][1:]))
                     continue
                 dst = os.path.join(out_dir, _png_name(j.index))
-                why = _postprocess(made[j.index], dst, patch_size, margin)
+                why = _postprocess(made[j.index], dst, patch_size, margin, scale)
                 results.append((j.index, None, why) if why else (j.index, dst, None))
             t["post_s"] += time.perf_counter() - t0
             t["post_cpu"] += time.thread_time() - c0
@@ -663,7 +686,8 @@ def render_formulas(formulas: list[str], out_dir: str | os.PathLike, *,
                     patch_size: int = 16, margin: int = 2, workers: int | None = None, seed: int = 0,
                     batch_size: int = DEFAULT_BATCH, timeout: float = DEFAULT_TIMEOUT,
                     rejects_path: str | os.PathLike | None = None, progress: bool = True,
-                    dpis: list[int] | None = None) -> RenderResult:
+                    dpis: list[int] | None = None, scale_dpi: tuple[int, int] | None = None,
+                    scale_share: float = 0.0) -> RenderResult:
     """Render formulas[i] (im2markup-normalized) to out_dir/{i:07d}.png; see the module docstring.
 
     dpi: (lo, hi) range drawn per formula in steps of dpi_step (or one int); fonts: names from
@@ -676,6 +700,11 @@ def render_formulas(formulas: list[str], out_dir: str | os.PathLike, *,
     (`index<TAB>reason<TAB>formula`); progress: a tqdm bar on stderr when it is a terminal;
     dpis: each formula's dpi, instead of one drawn from `dpi` (render-and-compare draws candidates
     at an image's own scale).
+    scale_dpi, scale_share: scale augmentation, the inputs prediction sees: a share of the
+    formulas is drawn at a dpi from scale_dpi (log-uniform, e.g. (55, 460): 0.5x-4x of the
+    115-dpi training scale, a HiDPI screenshot or a zoomed PDF), and every image, these and the
+    others, is brought to the training glyph scale as `pix2tex.preprocess` brings a user's
+    image (its estimate, its errors and its resampling included) before it is padded.
     Images already in out_dir are kept and not drawn again. Formulas that do not render are in
     `result.rejected`, never raised; bad arguments or a missing TeX raise ValueError/RuntimeError."""
     t_start = time.perf_counter()
@@ -687,6 +716,10 @@ def render_formulas(formulas: list[str], out_dir: str | os.PathLike, *,
         raise ValueError(f"dpis: need one dpi >= 10 per formula ({len(formulas)}), got {len(dpis)}")
     if dpi_step < 1:
         raise ValueError(f"dpi_step {dpi_step}: need >= 1")
+    if not 0.0 <= scale_share <= 1.0 or (scale_share > 0 and scale_dpi is None):
+        raise ValueError(f"scale_share {scale_share}: need 0 <= share <= 1, and scale_dpi with a share > 0")
+    if scale_dpi is not None and not 10 <= int(scale_dpi[0]) <= int(scale_dpi[1]):
+        raise ValueError(f"scale_dpi {scale_dpi!r}: need 10 <= lo <= hi")
     if patch_size < 1 or margin < 0:
         raise ValueError(f"patch_size {patch_size} must be >= 1 and margin {margin} >= 0")
     have = available_fonts()
@@ -712,7 +745,7 @@ def render_formulas(formulas: list[str], out_dir: str | os.PathLike, *,
         if not tex:
             result.rejected[i] = "empty formula"
             continue
-        font, d = choose_style(i, seed, (lo, hi), fonts, dpi_step)
+        font, d = choose_style(i, seed, (lo, hi), fonts, dpi_step, scale_dpi, scale_share)
         if dpis is not None:
             d = int(dpis[i])
         jobs.setdefault(font, []).append(_Job(i, tex, d))
@@ -722,7 +755,7 @@ def render_formulas(formulas: list[str], out_dir: str | os.PathLike, *,
     if progress and n_jobs > MIN_BATCH:
         from tqdm import tqdm
         bar = tqdm(total=n_jobs, unit="formula", desc="render", disable=None, smoothing=0.05)
-    settings = (out_dir, patch_size, margin, timeout)
+    settings = (out_dir, patch_size, margin, timeout, scale_dpi is not None)
     try:
         _render_all(jobs, settings, batch_size, workers, result, bar)
         # A formula that fails only in another font's package (\jmath in mathptmx, upright Greek
@@ -815,6 +848,12 @@ def main(argv: list[str] | None = None) -> None:
                     help=f"dpi range drawn per formula (default {DEFAULT_DPI[0]} {DEFAULT_DPI[1]})")
     ap.add_argument("--dpi-step", type=int, default=DEFAULT_DPI_STEP,
                     help=f"dpi values are LO, LO+STEP, ... <= HI (default {DEFAULT_DPI_STEP})")
+    ap.add_argument("--scale-dpi", nargs=2, type=int, metavar=("LO", "HI"),
+                    help="scale augmentation: --scale-share of the formulas at a dpi log-uniform in "
+                         "LO..HI (e.g. 55 460: 0.5x-4x the training scale), and every image brought "
+                         "to the training glyph scale as prediction's preprocessing does")
+    ap.add_argument("--scale-share", type=float, default=0.0,
+                    help="share of the formulas drawn from --scale-dpi (default 0)")
     ap.add_argument("--fonts", help=f"comma-separated names (default: those installed of {','.join(FONTS)})")
     ap.add_argument("--workers", type=int, default=None, help="batches at once (default: all cores)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the font/dpi draws (default 0)")
@@ -836,7 +875,9 @@ def main(argv: list[str] | None = None) -> None:
         res = render_formulas(formulas, out, dpi=tuple(args.dpi), dpi_step=args.dpi_step,
                               fonts=fonts, patch_size=args.patch_size, margin=args.margin,
                               workers=args.workers, seed=args.seed, batch_size=args.batch_size,
-                              timeout=args.timeout, rejects_path=rejects, progress=True)
+                              timeout=args.timeout, rejects_path=rejects, progress=True,
+                              scale_dpi=tuple(args.scale_dpi) if args.scale_dpi else None,
+                              scale_share=args.scale_share)
     except (RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
     new = len(res.rendered) - res.skipped

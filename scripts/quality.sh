@@ -5,7 +5,7 @@
 # starts from the shipped weights (or from scratch with FROM_SCRATCH=1), every later one resumes
 # the run folder and adds LEG_STEPS (whole LR cycles of settings/config-cpu.yaml). Run it alone on
 # the machine: a second busy process slows training severalfold.
-#   SHARED (as scripts/mix_data.sh), DATA (data/mix), TEST (data/im2latex_val),
+#   SHARED, SCALE_DPI (as scripts/mix_data.sh), DATA (data/mix), TEST (data/im2latex_val),
 #   LEG_STEPS (default 5000: one cycle, ~100 min here), THREADS (torch threads, default all cores),
 #   RELEASE=0 to measure without releasing, LEG_NOTE (what the leg changed, for the curve),
 #   SYNTH_MULTILINE (synthetic multi-line formulas in the mix, default 90000 as in leg 6; another number
@@ -24,7 +24,7 @@ export OMP_NUM_THREADS=${THREADS:-$(nproc)}
 
 echo "== 1/4 data (scripts/mix_data.sh): arXiv display + Wikipedia + synthetic multi-line formulas"
 echo "   (train/val) -> $DATA; im2latex val (test, 100-130 dpi like every earlier measure) -> $TEST"
-DATA="$DATA" TEST="$TEST" bash scripts/mix_data.sh  # SHARED, SYNTH_MULTILINE: from the environment
+DATA="$DATA" TEST="$TEST" bash scripts/mix_data.sh  # SHARED, SYNTH_MULTILINE, SCALE_DPI: from the environment
 
 echo "== 2/4 train $CONFIG: one leg of $LEG_STEPS steps"
 data_args=(data="$DATA/train.pkl" valdata="$DATA/val.pkl" tokenizer="$DATA/tokenizer.json" ${TRAIN_OVERRIDES:-})

@@ -172,6 +172,51 @@ def test_style_is_deterministic_per_seed_and_index(tmp_path):
         render_formulas(GOOD, tmp_path / "c", fonts=["nosuchfont"], progress=False)
 
 
+def test_scale_augmentation_draws_a_share_far_from_the_training_dpi():
+    fonts = available_fonts()
+    plain = [choose_style(i, 7, (95, 140), fonts) for i in range(2000)]
+    # the other formulas keep the draws they had without scale augmentation
+    assert [choose_style(i, 7, (95, 140), fonts, scale_dpi=(55, 460), scale_share=0.0)
+            for i in range(2000)] == plain
+    drawn = [choose_style(i, 7, (95, 140), fonts, scale_dpi=(55, 460), scale_share=0.4)
+             for i in range(2000)]
+    moved = [d for (f, d), (f0, d0) in zip(drawn, plain) if d != d0]
+    assert all(f == f0 for (f, _), (f0, _) in zip(drawn, plain))
+    assert 0.3 < len(moved) / len(drawn) < 0.45
+    assert all(55 <= d <= 460 and (d - 55) % 5 == 0 for d in moved)
+    # log-uniform: about as many between 2x and 4x the training scale as between 1x and 2x
+    twice = sum(230 <= d <= 460 for d in moved)
+    once = sum(115 <= d < 230 for d in moved)
+    assert 0.75 < twice / once < 1.33, (once, twice)
+    assert sum(d < 100 for d in moved) > 0.15 * len(moved)  # and below the training dpi
+    with pytest.raises(ValueError, match="scale_share"):
+        render_formulas(GOOD, "unused", scale_share=0.4, progress=False)
+
+
+def test_scale_augmented_renders_come_out_at_the_training_glyph_size(tmp_path):
+    """A formula drawn at 0.5x-4x the training resolution with scale augmentation comes out near
+    the size of its 115-dpi render, as prediction's preprocessing would hand it to the model."""
+    from pix2tex.preprocess import glyph_height
+
+    formulas = GOOD + [r"a _ { i j } = \int _ { 0 } ^ { 1 } f ( x ) \, d x + \log y"]
+    base = render_formulas(formulas, tmp_path / "base", dpi=115, fonts=["cm"], progress=False)
+    for dpi in (60, 230, 460):
+        plain = render_formulas(formulas, tmp_path / f"plain{dpi}", dpi=dpi, fonts=["cm"],
+                                progress=False)
+        scaled = render_formulas(formulas, tmp_path / f"scaled{dpi}", dpi=dpi, fonts=["cm"],
+                                 scale_dpi=(dpi, dpi), scale_share=1.0, progress=False)
+        assert scaled.rejected == {} and len(scaled.rendered) == len(formulas)
+        ratios, unscaled = [], []
+        for i, path in scaled.rendered.items():
+            a = load(path)
+            assert a.shape[0] % 16 == 0 and a.shape[1] % 16 == 0 and a[0, 0] == 255 and a.min() < 128
+            want = glyph_height(load(base.rendered[i]))
+            ratios.append(glyph_height(a) / want)
+            unscaled.append(glyph_height(load(plain.rendered[i])) / want)
+        assert 0.75 <= np.median(ratios) <= 1.33, (dpi, ratios)
+        assert abs(np.log(np.median(unscaled) / (dpi / 115))) < 0.25, (dpi, unscaled)  # not a no-op
+
+
 def test_real_formulas_render(shared_data, tmp_path):
     formulas = read_formulas(str(shared_data / "im2latex_val.norm.txt"))[:150]
     res = render_formulas(formulas, tmp_path, workers=2, progress=False)
