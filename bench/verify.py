@@ -9,7 +9,7 @@ both against the image. Prints one JSON object: per font, the share of right for
 (the coverage verification can reach) and of changed ones that verify (false verifications: the
 target is 0), and the milliseconds per image for its two candidates.
 
-    .venv/bin/python bench/verify.py [--num 100] [--fonts cm,mathptmx]
+    .venv/bin/python bench/verify.py [--num 100] [--fonts cm,mathptmx,...]
 """
 from __future__ import annotations
 
@@ -43,12 +43,13 @@ def change_one_symbol(formula: str, rng: random.Random) -> str | None:
 
 
 def main() -> None:
-    from dataset_tools.render import render_formulas
+    from dataset_tools.render import available_fonts, render_formulas
     from pix2tex.verify import verify_pages
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num", type=int, default=100)
-    ap.add_argument("--fonts", default="cm,mathptmx")
+    ap.add_argument("--fonts", help="fonts the input images are drawn in, comma-separated "
+                                    "(default: every font the renderer has, those of the training renders)")
     ap.add_argument("--shared", default=os.path.join(REPO, "..", "shared", "data"))
     ap.add_argument("--seed", type=int, default=0)
     opts = ap.parse_args()
@@ -63,7 +64,7 @@ def main() -> None:
     pairs = pairs[:opts.num]
     report = {"bench": "verify", "formulas": len(pairs), "source": "im2latex_val.norm.txt",
               "input_dpi": [100, 130], "fonts": {}}
-    for font in opts.fonts.split(","):
+    for font in opts.fonts.split(",") if opts.fonts else available_fonts():
         with tempfile.TemporaryDirectory() as folder:
             drawn = render_formulas([f for f, _ in pairs], folder, dpi=(100, 130), fonts=[font],
                                     seed=opts.seed, progress=False)

@@ -686,7 +686,8 @@ def render_formulas(formulas: list[str], out_dir: str | os.PathLike, *,
                     patch_size: int = 16, margin: int = 2, workers: int | None = None, seed: int = 0,
                     batch_size: int = DEFAULT_BATCH, timeout: float = DEFAULT_TIMEOUT,
                     rejects_path: str | os.PathLike | None = None, progress: bool = True,
-                    dpis: list[int] | None = None, scale_dpi: tuple[int, int] | None = None,
+                    dpis: list[int] | None = None, font_each: list[str] | None = None,
+                    scale_dpi: tuple[int, int] | None = None,
                     scale_share: float = 0.0) -> RenderResult:
     """Render formulas[i] (im2markup-normalized) to out_dir/{i:07d}.png; see the module docstring.
 
@@ -699,7 +700,8 @@ def render_formulas(formulas: list[str], out_dir: str | os.PathLike, *,
     timeout: seconds per latex/dvipng run; rejects_path: also write the rejects there
     (`index<TAB>reason<TAB>formula`); progress: a tqdm bar on stderr when it is a terminal;
     dpis: each formula's dpi, instead of one drawn from `dpi` (render-and-compare draws candidates
-    at an image's own scale).
+    at an image's own scale); font_each: each formula's font, instead of one drawn from `fonts`,
+    and no Computer Modern fallback for a formula that fails in it.
     scale_dpi, scale_share: scale augmentation, the inputs prediction sees: a share of the
     formulas is drawn at a dpi from scale_dpi (log-uniform, e.g. (55, 460): 0.5x-4x of the
     115-dpi training scale, a HiDPI screenshot or a zoomed PDF), and every image, these and the
@@ -724,7 +726,9 @@ def render_formulas(formulas: list[str], out_dir: str | os.PathLike, *,
         raise ValueError(f"patch_size {patch_size} must be >= 1 and margin {margin} >= 0")
     have = available_fonts()
     fonts = list(have if fonts is None else fonts)
-    bad = [f for f in fonts if f not in have]
+    if font_each is not None and len(font_each) != len(formulas):
+        raise ValueError(f"font_each: need one font per formula ({len(formulas)}), got {len(font_each)}")
+    bad = list(dict.fromkeys(f for f in [*fonts, *(font_each or ())] if f not in have))
     if not fonts or bad:
         raise ValueError(f"fonts {bad or fonts!r} not available; installed here: {have} "
                          f"(known: {list(FONTS)})")
@@ -748,6 +752,8 @@ def render_formulas(formulas: list[str], out_dir: str | os.PathLike, *,
         font, d = choose_style(i, seed, (lo, hi), fonts, dpi_step, scale_dpi, scale_share)
         if dpis is not None:
             d = int(dpis[i])
+        if font_each is not None:
+            font = font_each[i]
         jobs.setdefault(font, []).append(_Job(i, tex, d))
 
     n_jobs = sum(len(js) for js in jobs.values())
@@ -760,7 +766,7 @@ def render_formulas(formulas: list[str], out_dir: str | os.PathLike, *,
         _render_all(jobs, settings, batch_size, workers, result, bar)
         # A formula that fails only in another font's package (\jmath in mathptmx, upright Greek
         # in mathpazo's \mathrm) is drawn in Computer Modern rather than lost.
-        if "cm" in fonts:
+        if "cm" in fonts and font_each is None:
             fallback = [j for font, js in jobs.items() if font != "cm" for j in js
                         if result.rejected.get(j.index, "").startswith(("tex:", "dvipng"))]
             if fallback:

@@ -1,19 +1,24 @@
 """Render-and-compare: does a candidate's LaTeX, drawn by the project's renderer, draw the image?
 
     results = verify_pages([page], [["x ^ { 2 }", "x ^ { 3 }"]])   # pages: LatexOCR.preprocess output
-    results[0] -> [(True, "its rendering at 110 dpi matches ..."), (False, "... differs ...")]
+    results[0] -> [(True, "its rendering in cm at 110 dpi matches ..."), (False, "... differs ...")]
 
 A candidate is drawn twice: first at `VERIFY_DPI`, whose ink box against the page's gives the
 page's scale, then at that dpi and three either side (the estimate rounds), so that it is drawn
-as the page's formula was. A drawing of the page's size is compared pixel by pixel (both binarized,
-cropped to their ink, the drawing resized onto the page's ink box): it matches when no connected
-group of `MAX_BLOB` or more pixels differs. The same formula drawn at the same dpi differs in
-nothing or in scattered pixels; a changed symbol differs in a stroke. On 100 im2latex val formulas
-drawn in Computer Modern at 100-130 dpi (and each with one symbol changed): 99 of the right
-formulas verify and none of the changed ones. A page drawn by another renderer or font, or
-resampled by preprocessing, rarely matches pixel for pixel: its answer stays unverified
-(precision first). Candidates are drawn in the renderer's sandbox (dataset_tools.render: no
-shell escape, paranoid file access, a time limit), in Computer Modern, in one latex run per call.
+as the page's formula was. The training renders (and so the reader) use six font packages: the
+first drawing of a page's best candidate is made in each of them, and the font whose drawing,
+brought onto the page's ink box, is most like the page's ink (and any about as like: a short
+formula can look alike in two) is the one all its candidates are drawn in the second time.
+A drawing of the page's size is compared pixel by pixel (both binarized, cropped to their ink,
+the drawing resized onto the page's ink box): it matches when no connected group of `MAX_BLOB`
+or more pixels differs. The same formula drawn at the same dpi differs in nothing or in
+scattered pixels; a changed symbol differs in a stroke. On 100 im2latex val formulas drawn in
+each of the six fonts at 100-130 dpi, each also with one symbol changed (bench/verify.py):
+96-99 of the right formulas verify in every font, and 0-3 of the changed ones (a stroke of a
+few pixels: a subscript 0 -> 9). A page drawn by another renderer, or resampled by
+preprocessing, rarely matches pixel for pixel: its answer stays unverified (precision first). Candidates are drawn in the renderer's sandbox
+(dataset_tools.render: no shell escape, paranoid file access, a time limit), one latex run per
+font and call.
 """
 from __future__ import annotations
 
@@ -30,21 +35,27 @@ MAX_BLOB = 3  # px: a connected difference this large is a changed symbol, not r
 # dpi offsets around the estimated one that are drawn: the page's ink box is rounded to whole
 # pixels, so a short formula's estimate can be 3 dpi off
 SEARCH = (-3, -2, -1, 0, 1, 2, 3)
+FONT_BLUR = 2.0  # px: the blur under which font shapes are compared (ink_likeness)
+FONT_MARGIN = 0.02  # fonts this close to the likest one are tried too
 
 
 def render_candidates(formulas: list[str], dpi: int | list[int] = VERIFY_DPI,
-                      timeout: float = 10.0) -> list[np.ndarray | None]:
-    """Each formula drawn in Computer Modern at `dpi` (one for all, or one each; grayscale uint8,
-    dark ink on white), or None where TeX rejected it (or timed out). One batched renderer call:
-    one latex run, one dvipng run per distinct dpi."""
+                      timeout: float = 10.0, font: str | list[str] = "cm") -> list[np.ndarray | None]:
+    """Each formula drawn in `font` (a dataset_tools.render font; one for all, or one each) at
+    `dpi` (one for all, or one each; grayscale uint8, dark ink on white), or None where TeX
+    rejected it (or timed out). One batched renderer call: one latex run per font (on the cores
+    at once), one dvipng run per font and distinct dpi."""
     from dataset_tools.render import render_formulas
 
     if not formulas:
         return []
     dpis = [dpi] * len(formulas) if isinstance(dpi, int) else list(dpi)
+    fonts = [font] * len(formulas) if isinstance(font, str) else list(font)
     with tempfile.TemporaryDirectory(prefix="pix2tex-verify-") as folder:
-        result = render_formulas(list(formulas), folder, dpis=dpis, fonts=["cm"], patch_size=1,
-                                 margin=2, workers=1, timeout=timeout, progress=False)
+        result = render_formulas(list(formulas), folder, dpis=dpis, font_each=fonts,
+                                 fonts=list(dict.fromkeys(fonts)), patch_size=1, margin=2,
+                                 workers=min(len(set(fonts)), os.cpu_count() or 1),
+                                 timeout=timeout, progress=False)
         out = []
         for i in range(len(formulas)):
             path = os.path.join(folder, f"{i:07d}.png")
@@ -86,29 +97,78 @@ def page_dpi(page: np.ndarray, renderings: list[np.ndarray | None]) -> int | Non
     return dpi if DPI_RANGE[0] <= dpi <= DPI_RANGE[1] else None
 
 
-def verify_pages(pages: list[np.ndarray], candidates: list[list[str]],
-                 timeout: float = 10.0) -> list[list[tuple[bool, str]]]:
+def ink_likeness(page: np.ndarray, drawing: np.ndarray | None) -> float:
+    """How alike two drawings' shapes are, whatever their scale: the correlation of the two inks,
+    the drawing resized onto the page's ink box and both blurred (`FONT_BLUR` px), so that
+    strokes a pixel apart still agree while another font's letter shapes do not (1 alike, 0 not
+    at all; 0 when either has no ink). It picks the font of 95-100% of im2latex val formulas
+    drawn in each of the renderer's six fonts at 100-130 dpi, where the overlap of the sharp
+    inks picked 82-95%."""
+    from PIL import ImageFilter
+
+    a = _ink_crop(page)
+    b = None if drawing is None else _ink_crop(drawing)
+    if a is None or b is None:
+        return 0.0
+    b = Image.fromarray(b).resize((a.shape[1], a.shape[0]), Image.Resampling.LANCZOS)
+    inks = []
+    for img in (Image.fromarray(a), b):
+        ink = 255.0 - np.asarray(img.filter(ImageFilter.GaussianBlur(FONT_BLUR)), np.float32)
+        inks.append(ink - ink.mean())
+    norm = float(np.sqrt((inks[0] ** 2).sum() * (inks[1] ** 2).sum()))
+    return float((inks[0] * inks[1]).sum()) / norm if norm > 0 else 0.0
+
+
+def verify_pages(pages: list[np.ndarray], candidates: list[list[str]], timeout: float = 10.0,
+                 fonts: list[str] | None = None) -> list[list[tuple[bool, str]]]:
     """For each page (uint8, dark ink on white) and each of its candidate formulas: (match,
-    reason). Two renderer calls: every candidate at VERIFY_DPI, then at the page's estimated dpi
-    and the `SEARCH` ones around it."""
+    reason). fonts: those a page may be drawn in (default: every font the renderer has here).
+    Two renderer calls. First every candidate in Computer Modern at VERIFY_DPI and each page's
+    first candidate in the other fonts: the page's fonts are those whose drawing of it is about
+    as like the page's ink as the likest one's (`ink_likeness`, within FONT_MARGIN: a short
+    formula can look alike in two fonts). Then every candidate in each of its page's fonts at
+    the page's scale in that font and the `SEARCH` dpi around it."""
     from pix2tex.extras import require
 
     require("train", "verification (--verify)")  # scipy comes with it; the renderer needs TeX
+    from dataset_tools.render import available_fonts
+
+    fonts = list(fonts or available_fonts())
     flat = [(p, f) for p, formulas in enumerate(candidates) for f in formulas]
-    first = render_candidates([f for _, f in flat], VERIFY_DPI, timeout)
+    # every candidate in Computer Modern, and each page's best one in every other font
+    tops = [(p, font) for p, formulas in enumerate(candidates) if formulas
+            for font in fonts if font != "cm"]
+    drawn = render_candidates([f for _, f in flat] + [candidates[p][0] for p, _ in tops], VERIFY_DPI,
+                              timeout, ["cm"] * len(flat) + [font for _, font in tops])
+    first = drawn[:len(flat)]
     per_page: list[list[np.ndarray | None]] = [[] for _ in pages]
     for (p, _), r in zip(flat, first):
         per_page[p].append(r)
-    dpis = [page_dpi(page, rs) for page, rs in zip(pages, per_page)]
-    again = [(i, dpis[p] + d) for i, (p, _) in enumerate(flat) if dpis[p] is not None
-             for d in SEARCH]
-    drawn = render_candidates([flat[i][1] for i, _ in again], [d for _, d in again], timeout)
-    second: dict[int, list[tuple[int, np.ndarray | None]]] = {}
-    for (i, d), r in zip(again, drawn):
-        second.setdefault(i, []).append((d, r))
+    in_font: list[dict[str, np.ndarray | None]] = [{} for _ in pages]  # the best candidate's
+    for p, rs in enumerate(per_page):
+        if rs and "cm" in fonts:
+            in_font[p]["cm"] = rs[0]
+    for (p, font), r in zip(tops, drawn[len(flat):]):
+        in_font[p][font] = r
+    # page -> [(font, dpi)]: the fonts it may be drawn in, each with the page's scale in it
+    scales: list[list[tuple[str, int | None]]] = []
+    for p, page in enumerate(pages):
+        likeness = {font: ink_likeness(page, r) for font, r in in_font[p].items()}
+        best = max(likeness.values(), default=0.0)
+        near = [f for f in fonts if f in likeness and best > 0 and likeness[f] >= best - FONT_MARGIN]
+        # the scale from every candidate's drawing in Computer Modern, or the best one's in another font
+        scales.append([(f, page_dpi(page, per_page[p] if f == "cm" else [in_font[p][f]]))
+                       for f in near or ["cm"]])
+    again = [(i, font, dpi + d) for i, (p, _) in enumerate(flat) for font, dpi in scales[p]
+             if dpi is not None for d in SEARCH]
+    drawn = render_candidates([flat[i][1] for i, _, _ in again], [d for _, _, d in again], timeout,
+                              [font for _, font, _ in again])
+    second: dict[int, list[tuple[str, int, np.ndarray | None]]] = {}
+    for (i, font, d), r in zip(again, drawn):
+        second.setdefault(i, []).append((font, d, r))
     out: list[list[tuple[bool, str]]] = [[] for _ in pages]
     for i, (p, _) in enumerate(flat):
-        out[p].append(_compare(pages[p], first[i], second.get(i, []), dpis[p]))
+        out[p].append(_compare(pages[p], first[i], second.get(i, []), scales[p]))
     return out
 
 
@@ -128,16 +188,18 @@ def pixels_agree(page: np.ndarray, rendering: np.ndarray) -> tuple[bool, int]:
     return largest < MAX_BLOB, largest
 
 
-def _compare(page, first, drawings, dpi) -> tuple[bool, str]:
-    if first is None:
+def _compare(page, first, drawings, scales) -> tuple[bool, str]:
+    """(match, reason) of one candidate: its drawings [(font, dpi, image)] against the page;
+    scales: the page's [(font, estimated dpi)]."""
+    if first is None and not any(r is not None for _, _, r in drawings):
         return False, "the candidate does not render"
     box = ink_box(page)
     if box is None:
         return False, "the image has no ink"
-    if dpi is None:
+    if all(dpi is None for _, dpi in scales):
         return False, "the image's scale is out of range"
-    closest = None
-    for d, rendering in drawings:
+    closest = None  # (largest difference in px, font)
+    for font, d, rendering in drawings:
         theirs = None if rendering is None else ink_box(rendering)
         if theirs is None:
             continue
@@ -145,8 +207,11 @@ def _compare(page, first, drawings, dpi) -> tuple[bool, str]:
             continue  # another shape: not this scale (or not this formula)
         ok, largest = pixels_agree(page, rendering)
         if ok:
-            return True, f"its rendering at {d} dpi matches the image (largest difference {largest} px)"
-        closest = largest if closest is None else min(closest, largest)
+            return True, (f"its rendering in {font} at {d} dpi matches the image (largest "
+                          f"difference {largest} px)")
+        closest = min(closest or (largest, font), (largest, font))
+    where = " or ".join(f"{font} at {dpi} dpi" for font, dpi in scales if dpi is not None)
     if closest is None:
-        return False, f"its rendering at {dpi} dpi has another shape than the image"
-    return False, f"its rendering at {dpi} dpi differs from the image ({closest} px of ink in one place)"
+        return False, f"its rendering in {where} has another shape than the image"
+    return False, (f"its rendering in {where} differs from the image ({closest[0]} px of ink in "
+                   f"one place, in {closest[1]})")

@@ -172,6 +172,18 @@ def test_style_is_deterministic_per_seed_and_index(tmp_path):
         render_formulas(GOOD, tmp_path / "c", fonts=["nosuchfont"], progress=False)
 
 
+def test_each_formula_in_its_own_font_without_fallback(tmp_path):
+    """font_each (render-and-compare draws a page's candidates in the page's font): every formula
+    in the font asked for; one that fails in it is rejected, not drawn in Computer Modern."""
+    formulas = [GOOD[0], GOOD[0], r"\jmath + x"]
+    res = render_formulas(formulas, tmp_path, dpi=150, font_each=["cm", "mathptmx", "mathptmx"],
+                          progress=False)
+    assert sorted(res.rendered) == [0, 1] and list(res.rejected) == [2]
+    assert not np.array_equal(load(res.rendered[0]), load(res.rendered[1]))  # another font
+    with pytest.raises(ValueError, match="nosuchfont"):
+        render_formulas(GOOD[:1], tmp_path / "x", font_each=["nosuchfont"], progress=False)
+
+
 def test_scale_augmentation_draws_a_share_far_from_the_training_dpi():
     fonts = available_fonts()
     plain = [choose_style(i, 7, (95, 140), fonts) for i in range(2000)]

@@ -30,6 +30,18 @@ def test_the_right_formula_verifies_and_a_one_symbol_change_does_not(dpi):
         assert "differs" in why_changed or "another shape" in why_changed
 
 
+@pytest.mark.parametrize("font", ["mathptmx", "euler"])
+def test_a_page_in_another_training_font_verifies_in_that_font(font):
+    """The reader trains on six fonts: a right formula drawn in Times or Euler verifies (drawn in
+    the page's font), a one-symbol change does not."""
+    pages = [np.pad(page, 12, constant_values=255)
+             for page in render_candidates(FORMULAS, 118, font=font)]
+    results = verify_pages(pages, [[right, changed] for right, changed in zip(FORMULAS, CHANGED)])
+    for (right, why), (changed, why_changed) in results:
+        assert right and f"in {font} at" in why, why
+        assert not changed, why_changed
+
+
 def test_bad_candidates_and_blank_images_are_unverified_with_the_reason():
     page = pages_at(110)[1]
     blank = np.full((40, 120), 255, np.uint8)
