@@ -11,6 +11,11 @@ here by the project's renderer at 100-130 dpi: pages of mixed sizes, as real tra
 8 synthetic formulas instead (the service's own overhead, not a model's).
 
     .venv/bin/python bench/serve.py [--clients 8] [--seconds 60] [--threads 2] [--backend torch|onnx]
+        [--workers N]
+
+`--workers N`: N service processes behind the port (`pix2tex-serve --workers N`, threads / N
+torch threads each); the batching figures then add up every worker's /health, and the resident
+memory is the whole process tree's.
 """
 from __future__ import annotations
 
@@ -105,6 +110,32 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and all its descendants (the service's workers)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += rss_mib(p)
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a process that ended meanwhile
+    return total
+
+
+def health_of_workers(port: int, workers: int, tries: int = 200) -> dict[int, dict]:
+    """pid -> /health of each of the service's processes: each request reaches one of them, so ask
+    until all have answered (None when some never did)."""
+    seen: dict[int, dict] = {}
+    for _ in range(tries if workers > 1 else 1):
+        health = get(port, "/health")[1]
+        seen[health["pid"]] = health
+        if len(seen) == workers:
+            return seen
+    return None
+
+
 def multipart(name: str, data: bytes) -> tuple[bytes, dict]:
     boundary = uuid.uuid4().hex
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
@@ -145,7 +176,7 @@ def client(port: int, bodies: list, stop_at: float, offset: int, out: list, max_
 def sample_rss(pid: int, stop_at: float, out: list, every: float = 10.0):
     while time.perf_counter() < stop_at - 1:
         time.sleep(min(every, max(0.0, stop_at - time.perf_counter() - 1)))
-        out.append(round(rss_mib(pid), 1))
+        out.append(round(tree_rss_mib(pid), 1))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -159,6 +190,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--threads", type=int, default=2, help="the server's torch/onnxruntime threads")
     ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=1,
+                    help="service processes behind the port (--threads are shared among them)")
     ap.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     ap.add_argument("--static-batching", action="store_true",
                     help="the service decodes each queued batch to its end (no continuous batching)")
@@ -191,10 +224,12 @@ def main() -> None:
 
     port = free_port()
     server_log = os.path.join(opts.workdir, "server.log")
-    env = {**os.environ, "OMP_NUM_THREADS": str(opts.threads)}
+    threads = max(1, opts.threads // opts.workers)  # per process: processes x threads <= --threads
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     server = subprocess.Popen([sys.executable, "-m", "pix2tex.serve", "--checkpoint", ckpt,
                                "--backend", opts.backend, "--host", "127.0.0.1", "--port", str(port),
-                               "--threads", str(opts.threads), "--max-batch", str(opts.max_batch),
+                               "--threads", str(threads), "--max-batch", str(opts.max_batch),
+                               "--workers", str(opts.workers),
                                "--queue-size", str(max(64, 4 * opts.clients)),
                                *(["--static-batching"] if opts.static_batching else [])],
                               cwd=REPO, env=env, stderr=open(server_log, "w"))
@@ -210,11 +245,18 @@ def main() -> None:
                 time.sleep(0.2)
         else:
             raise RuntimeError("the server did not answer /health within 120 s")
-        warm: list = []
-        client(port, bodies, time.perf_counter() + 60, 0, warm, 2 * len(bodies))  # warm-up
+        # warm-up: concurrent connections, so that every worker has read every page size
+        warm = [[] for _ in range(opts.clients)]
+        warmers = [threading.Thread(target=client, args=(port, bodies, time.perf_counter() + 60, i,
+                                                         warm[i], 2 * len(bodies)))
+                   for i in range(opts.clients)]
+        for t in warmers:
+            t.start()
+        for t in warmers:
+            t.join()
         time.sleep(0.5)
-        rss_before = rss_mib(server.pid)
-        health_before = get(port, "/health")[1]
+        rss_before = tree_rss_mib(server.pid)
+        health_before = health_of_workers(port, opts.workers)
 
         results = [[] for _ in range(opts.clients)]
         stop_at = time.perf_counter() + opts.seconds
@@ -229,8 +271,8 @@ def main() -> None:
             t.join()
         elapsed = time.perf_counter() - t0
         time.sleep(0.5)
-        rss_after = rss_mib(server.pid)
-        health = get(port, "/health")[1]
+        rss_after = tree_rss_mib(server.pid)
+        health_after = health_of_workers(port, opts.workers)
     finally:
         server.terminate()
         try:
@@ -240,17 +282,28 @@ def main() -> None:
 
     done = [r for rs in results for r in rs]
     ok = [lat for lat, status in done if status == 200]
-    pages = health["pages"] - health_before["pages"]
-    batches = health["batches"] - health_before["batches"]
-    passes = health["forward_passes"] - health_before["forward_passes"]
-    steps = health.get("decode_steps", 0) - health_before.get("decode_steps", 0)
-    row_steps = health.get("row_steps", 0) - health_before.get("row_steps", 0)
+    batching = None
+    if health_before and health_after and set(health_before) == set(health_after):
+        def grew(key):  # summed over the workers
+            return sum(health_after[p].get(key, 0) - health_before[p].get(key, 0) for p in health_after)
+        pages, batches, passes = grew("pages"), grew("batches"), grew("forward_passes")
+        steps, row_steps = grew("decode_steps"), grew("row_steps")
+        # queue batches: what the inference thread took at once; forward passes: decoding passes
+        # (continuous batching: encoder passes of the pages that joined the running decode, and
+        # images per decoding step: how many formulas each step carried on average)
+        batching = {"images": pages, "queue_batches": batches, "forward_passes": passes,
+                    "images_per_queue_batch": round(pages / max(batches, 1), 2),
+                    "images_per_forward_pass": round(pages / max(passes, 1), 2),
+                    "continuous": all(h.get("continuous_batching") for h in health_after.values()),
+                    "images_per_decoding_step": round(row_steps / steps, 2) if steps else None,
+                    "max_batch": opts.max_batch}
     print(json.dumps({
         "bench": "serve",
         "backend": opts.backend,
         "clients": opts.clients,
         "seconds": round(elapsed, 1),
         "server_threads": opts.threads,
+        "workers": opts.workers,
         "cpus": os.cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 2),
         "requests": len(done),
@@ -261,15 +314,7 @@ def main() -> None:
                        "p99": round(1000 * percentile(ok, 99), 1),
                        "mean": round(1000 * statistics.fmean(ok), 1),
                        "max": round(1000 * max(ok), 1)} if ok else None,
-        # queue batches: what the inference thread took at once; forward passes: decoding passes
-        # (continuous batching: encoder passes of the pages that joined the running decode, and
-        # images per decoding step: how many formulas each step carried on average)
-        "batching": {"images": pages, "queue_batches": batches, "forward_passes": passes,
-                     "images_per_queue_batch": round(pages / max(batches, 1), 2),
-                     "images_per_forward_pass": round(pages / max(passes, 1), 2),
-                     "continuous": bool(health.get("continuous_batching")),
-                     "images_per_decoding_step": round(row_steps / steps, 2) if steps else None,
-                     "max_batch": opts.max_batch},
+        "batching": batching,  # None: a worker never answered /health
         "rss_mib": {"before": round(rss_before, 1), "during": samples, "after": round(rss_after, 1),
                     "growth": round(rss_after - rss_before, 1),
                     "growth_second_half": round(rss_after - samples[len(samples) // 2], 1)
