@@ -16,6 +16,11 @@ and read by the model (default: the shipped one) through `LatexOCR` (its preproc
 the glyph scale). Per renderer and scale: BLEU, exact match and image match (eval's metric) on the
 formulas that renderer could draw, and the own renders' BLEU on the same formulas; the target is
 every renderer and scale within 0.03 BLEU of it. Prints one JSON object.
+
+With --keep DIR the images stay in DIR/<renderer><setting>/ (own, tex300, katex1.5, mathjax14,
+...) beside DIR/<folder>.references.txt, their formulas in file-name order, so that any setting
+can be read again with other options, e.g. render-and-compare reranking:
+    .venv/bin/python -m pix2tex.eval --images DIR/katex2 --references DIR/katex2.references.txt --rerank 5
 """
 from __future__ import annotations
 
@@ -149,6 +154,12 @@ def draw_browser(browser, formulas, out_dir, kind, setting) -> tuple[dict[int, s
     return drawn, errors
 
 
+def write_references(path: str, formulas: list[str]) -> None:
+    """One formula per line, in the order of the drawn images' names (eval.py --references)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(f"{formula}\n" for formula in formulas)
+
+
 # --- reading and scoring -------------------------------------------------------------------------
 
 def read_all(ocr, paths: list[str]) -> list[str]:
@@ -193,11 +204,14 @@ def main() -> None:
     t0 = time.time()
     # (renderer, setting) -> {formula index: image}, plus the renderer's errors
     groups: dict[tuple[str, object], dict[int, str]] = {}
+    folders: dict[tuple[str, object], str] = {}
     rejects: dict[str, int] = {}
     try:
+        folders[("own", "100-130 dpi")] = "own"
         groups[("own", "100-130 dpi")] = draw_tex(formulas, os.path.join(work, "own"), (100, 130))
         if "tex" in renderers:
             for dpi in TEX_DPI:
+                folders[("tex", f"{dpi} dpi")] = f"tex{dpi}"
                 groups[("tex", f"{dpi} dpi")] = draw_tex(formulas, os.path.join(work, f"tex{dpi}"),
                                                           (dpi, dpi), fonts=["cm"])
         browser_kinds = [k for k in ("katex", "mathjax") if k in renderers]
@@ -210,9 +224,14 @@ def main() -> None:
                         drawn, errors = draw_browser(browser, formulas,
                                                      os.path.join(work, f"{kind}{setting}"), kind, setting)
                         groups[(kind, label)] = drawn
+                        folders[(kind, label)] = f"{kind}{setting}"
                         rejects[f"{kind} {label}"] = len(errors)
             finally:
                 browser.close()
+        if a.keep:
+            for key, drawn in groups.items():
+                write_references(os.path.join(work, f"{folders[key]}.references.txt"),
+                                 [formulas[i] for i in sorted(drawn)])
         draw_s = time.time() - t0
         preds = {key: dict(zip(drawn, read_all(ocr, list(drawn.values()))))
                  for key, drawn in groups.items()}

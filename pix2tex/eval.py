@@ -281,6 +281,8 @@ def read_and_score(args, files: list[str], refs: list[str], checkpoint, config) 
     matches = M.image_match(preds, refs, workers=args.workers, progress=not args.no_progress) \
         if args.image_match or rerank else None
     scores = M.compute_metrics(preds, refs, image_matches=matches)
+    # reading time through the API (preprocessed pages in, answers out; verification included)
+    scores["seconds_per_image"] = round(seconds / max(len(files), 1), 4)
     records = [{"image": f, "prediction": r.latex, "ground_truth": ref, "confidence": r.confidence,
                 **({"verified": r.verified} if rerank else {})}
                for f, r, ref in zip(files, readings, refs)]
