@@ -124,7 +124,7 @@ def tree_rss_mib(pid: int) -> float:
     return total
 
 
-def health_of_workers(port: int, workers: int, tries: int = 200) -> dict[int, dict]:
+def health_of_workers(port: int, workers: int, tries: int = 200) -> dict[int, dict] | None:
     """pid -> /health of each of the service's processes: each request reaches one of them, so ask
     until all have answered (None when some never did)."""
     seen: dict[int, dict] = {}

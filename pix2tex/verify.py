@@ -16,9 +16,9 @@ scattered pixels; a changed symbol differs in a stroke. On 100 im2latex val form
 each of the six fonts at 100-130 dpi, each also with one symbol changed (bench/verify.py):
 96-99 of the right formulas verify in every font, and 0-3 of the changed ones (a stroke of a
 few pixels: a subscript 0 -> 9). A page drawn by another renderer, or resampled by
-preprocessing, rarely matches pixel for pixel: its answer stays unverified (precision first). Candidates are drawn in the renderer's sandbox
-(dataset_tools.render: no shell escape, paranoid file access, a time limit), one latex run per
-font and call.
+preprocessing, rarely matches pixel for pixel: its answer stays unverified (precision first).
+Candidates are drawn in the renderer's sandbox (dataset_tools.render: no shell escape, paranoid
+file access, a time limit), one latex run per font and call.
 """
 from __future__ import annotations
 
@@ -52,9 +52,8 @@ def render_candidates(formulas: list[str], dpi: int | list[int] = VERIFY_DPI,
     dpis = [dpi] * len(formulas) if isinstance(dpi, int) else list(dpi)
     fonts = [font] * len(formulas) if isinstance(font, str) else list(font)
     with tempfile.TemporaryDirectory(prefix="pix2tex-verify-") as folder:
-        result = render_formulas(list(formulas), folder, dpis=dpis, font_each=fonts,
-                                 fonts=list(dict.fromkeys(fonts)), patch_size=1, margin=2,
-                                 workers=min(len(set(fonts)), os.cpu_count() or 1),
+        result = render_formulas(list(formulas), folder, dpis=dpis, font_each=fonts, patch_size=1,
+                                 margin=2, workers=min(len(set(fonts)), os.cpu_count() or 1),
                                  timeout=timeout, progress=False)
         out = []
         for i in range(len(formulas)):
@@ -97,6 +96,15 @@ def page_dpi(page: np.ndarray, renderings: list[np.ndarray | None]) -> int | Non
     return dpi if DPI_RANGE[0] <= dpi <= DPI_RANGE[1] else None
 
 
+def _onto_page_box(page: np.ndarray, drawing: np.ndarray | None):
+    """(page's ink crop, the drawing's ink crop resized onto it), or None when either has no ink."""
+    a = _ink_crop(page)
+    b = None if drawing is None else _ink_crop(drawing)
+    if a is None or b is None:
+        return None
+    return a, np.asarray(Image.fromarray(b).resize((a.shape[1], a.shape[0]), Image.Resampling.LANCZOS))
+
+
 def ink_likeness(page: np.ndarray, drawing: np.ndarray | None) -> float:
     """How alike two drawings' shapes are, whatever their scale: the correlation of the two inks,
     the drawing resized onto the page's ink box and both blurred (`FONT_BLUR` px), so that
@@ -106,14 +114,13 @@ def ink_likeness(page: np.ndarray, drawing: np.ndarray | None) -> float:
     inks picked 82-95%."""
     from PIL import ImageFilter
 
-    a = _ink_crop(page)
-    b = None if drawing is None else _ink_crop(drawing)
-    if a is None or b is None:
+    both = _onto_page_box(page, drawing)
+    if both is None:
         return 0.0
-    b = Image.fromarray(b).resize((a.shape[1], a.shape[0]), Image.Resampling.LANCZOS)
     inks = []
-    for img in (Image.fromarray(a), b):
-        ink = 255.0 - np.asarray(img.filter(ImageFilter.GaussianBlur(FONT_BLUR)), np.float32)
+    for crop in both:
+        blurred = Image.fromarray(crop).filter(ImageFilter.GaussianBlur(FONT_BLUR))
+        ink = 255.0 - np.asarray(blurred, np.float32)
         inks.append(ink - ink.mean())
     norm = float(np.sqrt((inks[0] ** 2).sum() * (inks[1] ** 2).sum()))
     return float((inks[0] * inks[1]).sum()) / norm if norm > 0 else 0.0
@@ -177,9 +184,7 @@ def pixels_agree(page: np.ndarray, rendering: np.ndarray) -> tuple[bool, int]:
     both cropped to their ink and binarized, the rendering resized onto the page's ink box."""
     from scipy import ndimage
 
-    a = _ink_crop(page)
-    b = np.asarray(Image.fromarray(_ink_crop(rendering)).resize(
-        (a.shape[1], a.shape[0]), Image.Resampling.LANCZOS))
+    a, b = _onto_page_box(page, rendering)
     off = (a <= 128) != (b <= 128)
     if not off.any():
         return True, 0
