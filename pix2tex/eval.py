@@ -274,7 +274,12 @@ def read_and_score(args, files: list[str], refs: list[str], checkpoint, config) 
                    batch_size=args.batchsize or 16, precision=precision, verify=rerank > 0,
                    verify_width=max(rerank, 1))
     t0 = time.perf_counter()
-    readings = ocr.read([ocr.preprocess(f) for f in files])
+    pages, crops = [], []
+    for f in files:  # with --rerank, candidates are compared with each image's ink at its scale
+        page, crop = ocr.preprocess(f, keep_crop=True)
+        pages.append(page)
+        crops.append(crop if rerank else None)
+    readings = ocr.read(pages, crops=crops)
     seconds = time.perf_counter() - t0
     preds = [r.latex for r in readings]
     # with --rerank, the precision of `verified` is measured against image match

@@ -225,21 +225,28 @@ class LatexOCR:
 
     # --- the steps, public for the CLI and the service -----------------------------------------
 
-    def preprocess(self, image, max_pixels: int | None = None) -> np.ndarray | None:
-        """The page the model sees (uint8 HxW), or None for an image without ink."""
-        return preprocess(image, self.geometry, max_pixels=max_pixels or self.max_pixels)
+    def preprocess(self, image, max_pixels: int | None = None, keep_crop: bool = False):
+        """The page the model sees (uint8 HxW), or None for an image without ink. keep_crop:
+        (page, crop), the crop being the image's ink before any resizing, which verification
+        compares candidates' drawings with (`read(..., crops=)`)."""
+        return preprocess(image, self.geometry, max_pixels=max_pixels or self.max_pixels,
+                          keep_crop=keep_crop)
 
     def read(self, pages: list[np.ndarray | None], beam_width: int | None = None,
              temperature: float | None = None, max_len: int | None = None,
              should_stop: Callable[[], bool] | None = None,
-             verify: bool | None = None) -> list[Reading]:
+             verify: bool | None = None, crops: list[np.ndarray | None] | None = None) -> list[Reading]:
         """A `Reading` of each preprocessed page (None: a blank one, read as ""), `batch_size`
         pages per decoding pass, similar sizes together.
 
         max_len: tokens per formula (None: the `max_len` given at construction, else the model's
         maximum); a formula that reaches it without its end is cut there (`complete` False).
         should_stop: asked once per decoding step; True raises pix2tex.cancel.DecodeCancelled (no
-        results). verify: as at construction (None: the constructor's)."""
+        results). verify: as at construction (None: the constructor's); the candidates of all
+        pages are drawn and compared together (the renderer's start-up is paid once). crops: each
+        page's image at its own scale (`preprocess(..., keep_crop=True)`), which verification
+        compares with; without them the pages, which match only where preprocessing did not
+        resize the image."""
         verify = self.verify if verify is None else verify
         out = [Reading("", True, None)] * len(pages)
         todo = sorted((i for i, page in enumerate(pages) if page is not None),
@@ -247,18 +254,22 @@ class LatexOCR:
         groups = defaultdict(list)
         for i in todo:  # one group, or one per size where the model cannot mix sizes
             groups[True if self.mixes_sizes else pages[i].shape].append(i)
-        for idx in groups.values():
-            for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start:start + self.batch_size]
-                chunk_pages = [pages[i] for i in chunk]
-                if verify:
-                    readings = self._read_verified(chunk_pages, max_len, should_stop)
-                else:
-                    ids, logprob = self._generate(chunk_pages, beam_width, temperature, max_len,
-                                                  should_stop)
-                    readings = self._readings(ids, logprob)
-                for i, reading in zip(chunk, readings):
+        chunks = [idx[start:start + self.batch_size] for idx in groups.values()
+                  for start in range(0, len(idx), self.batch_size)]
+        candidates = {}  # page index -> its candidate readings, best first (verify)
+        for chunk in chunks:
+            chunk_pages = [pages[i] for i in chunk]
+            if verify:
+                candidates.update(zip(chunk, self._candidates(chunk_pages, max_len, should_stop)))
+            else:
+                ids, logprob = self._generate(chunk_pages, beam_width, temperature, max_len,
+                                              should_stop)
+                for i, reading in zip(chunk, self._readings(ids, logprob)):
                     out[i] = reading
+        if candidates:
+            looks = [pages[i] if crops is None or crops[i] is None else crops[i] for i in candidates]
+            for i, reading in zip(candidates, self._verified(looks, list(candidates.values()))):
+                out[i] = reading
         return out
 
     def _readings(self, ids: np.ndarray, logprob: np.ndarray) -> list[Reading]:
@@ -266,19 +277,23 @@ class LatexOCR:
         texts = self.tokenizer.decode_batch(ids.tolist())
         return [Reading(t, bool(e), round(float(lp), 4)) for t, e, lp in zip(texts, ended, logprob)]
 
-    def _read_verified(self, pages: list[np.ndarray], max_len, should_stop) -> list[Reading]:
-        """The best-scoring candidate whose drawing matches its page, else the best one."""
-        from pix2tex.verify import verify_pages
-
+    def _candidates(self, pages: list[np.ndarray], max_len, should_stop) -> list[list[Reading]]:
+        """Each page's `verify_width` beam candidates, best first (ONNX: the greedy one)."""
         if self.backend == "onnx" or self.verify_width <= 1:  # ONNX: greedy only, one candidate
             ids, logprob = self._generate(pages, 1, 0.0, max_len, should_stop)
             ids, logprob = ids[:, None], logprob[:, None]
         else:
             ids, logprob = self._generate(pages, self.verify_width, 0.0, max_len, should_stop,
                                           beams=True)
-        candidates = [[r for r, lp in zip(self._readings(rows, lps), lps) if np.isfinite(lp)]
-                      for rows, lps in zip(ids, logprob)]
-        checks = verify_pages(pages, [[r.latex for r in rs] for rs in candidates])
+        return [[r for r, lp in zip(self._readings(rows, lps), lps) if np.isfinite(lp)]
+                for rows, lps in zip(ids, logprob)]
+
+    def _verified(self, looks: list[np.ndarray], candidates: list[list[Reading]]) -> list[Reading]:
+        """For each image (`looks`: as verify_pages wants it) the best-scoring candidate whose
+        drawing matches it, else the best one, unverified."""
+        from pix2tex.verify import verify_pages
+
+        checks = verify_pages(looks, [[r.latex for r in rs] for rs in candidates])
         out = []
         for readings, results in zip(candidates, checks):
             chosen = next((r for r, (ok, _) in zip(readings, results) if ok and r.complete), None)
@@ -289,10 +304,10 @@ class LatexOCR:
     def recognize(self, pages: list[np.ndarray | None], beam_width: int | None = None,
                   temperature: float | None = None, max_len: int | None = None,
                   should_stop: Callable[[], bool] | None = None,
-                  return_complete: bool = False,
-                  verify: bool | None = None) -> list[str] | tuple[list[str], list[bool]]:
+                  return_complete: bool = False, verify: bool | None = None,
+                  crops: list[np.ndarray | None] | None = None) -> list[str] | tuple[list[str], list[bool]]:
         """LaTeX for preprocessed pages, as `read` (with return_complete: (texts, complete))."""
-        readings = self.read(pages, beam_width, temperature, max_len, should_stop, verify)
+        readings = self.read(pages, beam_width, temperature, max_len, should_stop, verify, crops)
         texts = [r.latex for r in readings]
         return (texts, [r.complete for r in readings]) if return_complete else texts
 
@@ -355,18 +370,22 @@ class LatexOCR:
                  verify: bool | None = None) -> str:
         """LaTeX of one image: a path, bytes, file object, PIL image or numpy array. A blank
         image gives ""; an unreadable one raises `pix2tex.preprocess.ImageError`."""
-        return self.recognize([self.preprocess(image)], beam_width, temperature, verify=verify)[0]
+        page, crop = self.preprocess(image, keep_crop=True)
+        return self.recognize([page], beam_width, temperature, verify=verify, crops=[crop])[0]
 
     def batch(self, images, beam_width: int | None = None, temperature: float | None = None,
               verify: bool | None = None) -> list[str]:
         """LaTeX of many images, in order. An unreadable image raises ImageError naming its index."""
-        pages = []
+        verify = self.verify if verify is None else verify
+        pages, crops = [], []
         for i, image in enumerate(images):
             try:
-                pages.append(self.preprocess(image))
+                page, crop = self.preprocess(image, keep_crop=True)
             except ImageError as e:
                 raise type(e)(f"image {i}: {e}") from None
-        return self.recognize(pages, beam_width, temperature, verify=verify)
+            pages.append(page)
+            crops.append(crop if verify else None)  # held only where needed: large images twice
+        return self.recognize(pages, beam_width, temperature, verify=verify, crops=crops)
 
 
 class ReadingStream:
@@ -501,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     per_read = 8 * args.batch_size  # read() sorts these by size: batches of similar pages
     for start in range(0, len(inputs), per_read):
         chunk = inputs[start:start + per_read]
-        pages, seconds, names = [], [], []
+        pages, crops, seconds, names = [], [], [], []
         for name in chunk:
             t0 = time.perf_counter()
             if name == "-":
@@ -511,17 +530,19 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 source = name
             try:
-                pages.append(model.preprocess(source))
+                page, crop = model.preprocess(source, keep_crop=True)
             except ImageError as e:
                 msg = str(e) if str(e).startswith(name) else f"{name}: {e}"
                 print(f"pix2tex: error: {msg}", file=sys.stderr)
                 failed += 1
-                pages.append(False)  # placeholder: printed as an error, not a result
+                page, crop = False, None  # placeholder: printed as an error, not a result
+            pages.append(page)
+            crops.append(crop if model.verify else None)  # --verify compares with the ink at its scale
             seconds.append(time.perf_counter() - t0)
             names.append(name)
         good = [i for i, p in enumerate(pages) if p is not False]
         t0 = time.perf_counter()
-        readings = model.read([pages[i] for i in good])
+        readings = model.read([pages[i] for i in good], crops=[crops[i] for i in good])
         share = (time.perf_counter() - t0) / max(1, len(good))
         for i, reading in zip(good, readings):
             print(format_result(args.format, names[i], reading, seconds[i] + share, show_name), flush=True)

@@ -349,18 +349,19 @@ def fit_and_pad(crop: np.ndarray, geo: Geometry, margin: int = 2) -> np.ndarray:
 
 
 def preprocess(source, geo: Geometry | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-               margin: int = 2, scale: bool = True) -> np.ndarray | None:
+               margin: int = 2, scale: bool = True, keep_crop: bool = False):
     """Any image source -> uint8 HxW page ready for the model, or None when it holds no ink.
     `scale`: bring glyphs of another size (a HiDPI screenshot, a zoomed PDF) to the training
-    renders' size first (`normalize_scale`)."""
+    renders' size first (`normalize_scale`). keep_crop: return (page, crop), the crop being the
+    image's ink before any resizing (dark on white; None with a None page): render-and-compare
+    draws candidates at the image's own scale and compares them with it (pix2tex.verify)."""
     geo = geo or Geometry()
     gray = to_gray(open_image(source, max_pixels))
     crop = crop_to_ink(gray)
     if crop is None:
-        return None
-    if scale:
-        crop = normalize_scale(crop)
-    return fit_and_pad(crop, geo, margin)
+        return (None, None) if keep_crop else None
+    page = fit_and_pad(normalize_scale(crop) if scale else crop, geo, margin)
+    return (page, crop) if keep_crop else page
 
 
 def normalize(pages: np.ndarray) -> np.ndarray:

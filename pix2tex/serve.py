@@ -45,6 +45,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -92,6 +93,7 @@ class Job(NamedTuple):
     fut: asyncio.Future  # the waiting request's; set from the inference thread via `loop`
     loop: asyncio.AbstractEventLoop
     deadline: float  # time.monotonic() after which nobody waits for the result
+    crop: object = None  # with --verify: the image's ink at its own scale (LatexOCR.read's crops)
 
 
 class InferenceQueue:
@@ -114,12 +116,13 @@ class InferenceQueue:
         self.q.put(None)  # may block briefly if full: the worker drains it
         self.thread.join(timeout=30)
 
-    def submit(self, page, deadline: float) -> asyncio.Future:
-        """Queue `page` for a request that waits until `deadline` (time.monotonic())."""
+    def submit(self, page, deadline: float, crop=None) -> asyncio.Future:
+        """Queue `page` (and its image's `crop`, for verification) for a request that waits until
+        `deadline` (time.monotonic())."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         try:
-            self.q.put_nowait(Job(page, fut, loop, deadline))
+            self.q.put_nowait(Job(page, fut, loop, deadline, crop))
         except queue.Full:
             raise QueueFull(f"the model is busy ({self.limits.queue_size} images waiting); retry shortly") from None
         return fut
@@ -135,7 +138,8 @@ class InferenceQueue:
                 continue
             passes = self.model.decode_batches
             try:
-                readings = self.model.read([it.page for it in items], max_len=self.limits.max_tokens,
+                readings = self.model.read([it.page for it in items], crops=[it.crop for it in items],
+                                           max_len=self.limits.max_tokens,
                                            should_stop=_nobody_waits(items))
                 results = [(r, None) if r.complete else (None, TooManyTokens(self.limits.max_tokens))
                            for r in readings]
@@ -303,12 +307,14 @@ async def recognize_upload(model, inference: "InferenceQueue", decoders: ThreadP
     t0 = time.perf_counter()
     loop = asyncio.get_running_loop()
     try:
-        page = await asyncio.wait_for(loop.run_in_executor(decoders, model.preprocess, data, limits.max_pixels),
-                                      max(0.0, deadline - time.monotonic()))
+        page, crop = await asyncio.wait_for(
+            loop.run_in_executor(decoders, partial(model.preprocess, data, limits.max_pixels, keep_crop=True)),
+            max(0.0, deadline - time.monotonic()))
         if page is None:
             reading = Reading("", True, None)  # a blank image: nothing to recognize
         else:
-            reading = await asyncio.wait_for(inference.submit(page, deadline),
+            crop = crop if getattr(model, "verify", False) else None  # only verification needs it
+            reading = await asyncio.wait_for(inference.submit(page, deadline, crop),
                                              max(0.0, deadline - time.monotonic()))
     except ImageTooLarge as e:
         return {"file": name, "status": 413, "error": str(e)}

@@ -170,6 +170,22 @@ def test_predict_matches_the_api(server, ocr, images):
         assert body["confidence"] == ocr.read([ocr.preprocess(image)])[0].confidence
 
 
+def test_verify_service_says_whether_each_answer_verified(tiny_model, images):
+    """serve --verify: each answer says whether its drawing matched the image, as the API's does
+    for the same image (both compare candidates with the image's ink at its own scale)."""
+    verifier = LatexOCR(checkpoint=tiny_model.checkpoint, device="cpu", threads=1, verify=True)
+    s = Server(create_app(verifier, LIMITS))
+    try:
+        for image in images[:2]:
+            page, crop = verifier.preprocess(image, keep_crop=True)
+            want = verifier.read([page], crops=[crop])[0]
+            status, body, _ = post_image(s.port, image.read_bytes())
+            assert status == 200, body
+            assert body["latex"] == want.latex and body["verified"] is want.verified
+    finally:
+        s.close()
+
+
 def test_batch_endpoint_reports_each_file(server, ocr, images, tmp_path):
     files = [(p.name, p.read_bytes(), "image/png") for p in images[:2]]
     files.append(("notes.txt", b"no picture here", "text/plain"))

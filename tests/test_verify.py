@@ -58,16 +58,42 @@ def test_the_api_and_the_cli_say_whether_the_answer_verified(tiny_model, capsys)
     from pix2tex.predict import LatexOCR, main
 
     ocr = LatexOCR(checkpoint=tiny_model.checkpoint, device="cpu", threads=1, verify=True)
-    pages = [ocr.preprocess(p) for p in tiny_model.images[:4]]
-    readings = ocr.read(pages)
+    pages, crops = zip(*(ocr.preprocess(p, keep_crop=True) for p in tiny_model.images[:4]))
+    readings = ocr.read(list(pages), crops=list(crops))
     assert all(isinstance(r.verified, bool) for r in readings)
+    assert [r.latex for r in readings] == ocr.batch(tiny_model.images[:4])  # the API keeps the crops
     # a verified answer is one of the beam's candidates, and its drawing matches: check it again
-    for page, reading in zip(pages, readings):
+    for crop, reading in zip(crops, readings):
         if reading.verified:
-            assert verify_pages([page], [[reading.latex]])[0][0][0]
+            assert verify_pages([crop], [[reading.latex]])[0][0][0]
     plain = LatexOCR(checkpoint=tiny_model.checkpoint, device="cpu", threads=1)
     assert all(r.verified is None for r in plain.read(pages))
     main([str(tiny_model.images[0]), "--checkpoint", str(tiny_model.checkpoint), "--verify",
           "-f", "json"])
     row = json.loads(capsys.readouterr().out)
     assert row["verified"] == readings[0].verified and row["latex"] == readings[0].latex
+
+
+@pytest.mark.parametrize("dpi", [80, 230, 345])
+def test_an_image_that_preprocessing_resizes_verifies_against_its_ink_at_its_own_scale(dpi):
+    """A TeX formula drawn at 0.7x, 2x or 3x the training scale (a HiDPI screenshot or a zoomed
+    PDF of a TeX document) is resized by preprocessing; verification compares with the image's ink
+    at its own scale (preprocess's crop), where the right formula's drawing matches and a
+    one-symbol change's does not."""
+    from pix2tex.preprocess import SCALE_BAND, estimate_scale, preprocess
+
+    images = pages_at(dpi)
+    prepared = [preprocess(image, keep_crop=True) for image in images]
+    for (page, crop), image in zip(prepared, images):
+        assert not SCALE_BAND[0] <= estimate_scale(crop) <= SCALE_BAND[1]  # the page is resized
+        assert np.abs(np.subtract(crop.shape, ink_shape(image))).max() <= 2  # the crop is not
+    results = verify_pages([crop for _, crop in prepared],
+                           [[right, changed] for right, changed in zip(FORMULAS, CHANGED)])
+    for (right, why), (changed, why_changed) in results:
+        assert right, why
+        assert not changed, why_changed
+
+
+def ink_shape(image: np.ndarray) -> tuple[int, int]:
+    rows, cols = np.flatnonzero((image < 255).any(1)), np.flatnonzero((image < 255).any(0))
+    return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
