@@ -101,8 +101,11 @@ class Browser:
         os.makedirs(site, exist_ok=True)
         with open(os.path.join(site, "index.html"), "w", encoding="utf-8") as f:
             f.write(PAGE)
-        os.symlink(KATEX, os.path.join(site, "katex"))
-        os.symlink(MATHJAX, os.path.join(site, "mathjax"))
+        for target, name in ((KATEX, "katex"), (MATHJAX, "mathjax")):
+            link = os.path.join(site, name)
+            if os.path.islink(link):  # --keep DIR of an earlier run
+                os.remove(link)
+            os.symlink(target, link)
         handler = functools.partial(Quiet, directory=site)
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -177,6 +180,7 @@ def read_all(ocr, paths: list[str]) -> list[str]:
 def score(preds, refs, render_dir) -> dict:
     from pix2tex.metrics import compute_metrics
 
+    shutil.rmtree(render_dir, ignore_errors=True)  # --keep DIR of an earlier run: its renders go
     m = compute_metrics(preds, refs, image_match=True, render_dir=render_dir)
     return {k: round(m[k], 4) for k in ("bleu", "exact_match", "image_match")} | {"n": m["n"]}
 
