@@ -65,8 +65,10 @@ def plot(args) -> None:
     for key, label, color in (("bleu", "BLEU-4", "C0"), ("image_match", "image match", "C1"),
                               ("multi_line_image_match", "image match, multi-line", "C2")):
         ys = [x["im2latex_val"].get(key) for x in legs]
-        pts = [(h, y) for h, y in zip(hours, ys) if y is not None]
-        ax.plot(*zip(*pts), "o-", color=color, label=label)
+        pts = [(h, y, x.get("shipped", True)) for h, y, x in zip(hours, ys, legs) if y is not None]
+        ax.plot([h for h, _, _ in pts], [y for _, y, _ in pts], "-", color=color, label=label)
+        for h, y, shipped in pts:  # a leg not shipped: a hollow point
+            ax.plot(h, y, "o", color=color, markerfacecolor=color if shipped else "white")
         ax.axhline(TARGETS[key], color=color, linestyle=":", linewidth=1)
     ax.set_xlabel("training on the 2-core CPU (hours, cumulative)")
     ax.set_ylabel("im2latex val (greedy, fp32)")
@@ -74,7 +76,8 @@ def plot(args) -> None:
     ax.set_xlim(0, max(hours) * 1.1)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
-    ax.set_title("Shipped reader: quality per CPU-hour (dotted: targets)", fontsize=10)
+    ax.set_title("Reader: quality per CPU-hour (hollow: leg not shipped; dotted: targets)",
+                 fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(PLOT), exist_ok=True)
     tmp = PLOT + ".tmp.png"
