@@ -276,9 +276,9 @@ def read_and_score(args, files: list[str], refs: list[str], checkpoint, config) 
     t0 = time.perf_counter()
     pages, crops = [], []
     for f in files:  # with --rerank, candidates are compared with each image's ink at its scale
-        page, crop = ocr.preprocess(f, keep_crop=True)
+        page, crop = ocr.prepare(f)
         pages.append(page)
-        crops.append(crop if rerank else None)
+        crops.append(crop)
     readings = ocr.read(pages, crops=crops)
     seconds = time.perf_counter() - t0
     preds = [r.latex for r in readings]

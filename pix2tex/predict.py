@@ -232,6 +232,14 @@ class LatexOCR:
         return preprocess(image, self.geometry, max_pixels=max_pixels or self.max_pixels,
                           keep_crop=keep_crop)
 
+    def prepare(self, image, max_pixels: int | None = None,
+                verify: bool | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(page, crop) for `read(pages, crops=)`: the page the model sees, and where verification
+        is on (`verify`; None: the constructor's) the image's ink at its own scale that candidates
+        are compared with, else None (many large images are not held twice)."""
+        page, crop = self.preprocess(image, max_pixels, keep_crop=True)
+        return page, crop if (self.verify if verify is None else verify) else None
+
     def read(self, pages: list[np.ndarray | None], beam_width: int | None = None,
              temperature: float | None = None, max_len: int | None = None,
              should_stop: Callable[[], bool] | None = None,
@@ -244,9 +252,8 @@ class LatexOCR:
         should_stop: asked once per decoding step; True raises pix2tex.cancel.DecodeCancelled (no
         results). verify: as at construction (None: the constructor's); the candidates of all
         pages are drawn and compared together (the renderer's start-up is paid once). crops: each
-        page's image at its own scale (`preprocess(..., keep_crop=True)`), which verification
-        compares with; without them the pages, which match only where preprocessing did not
-        resize the image."""
+        page's image at its own scale (`prepare`), which verification compares with; without
+        them the pages, which match only where preprocessing did not resize the image."""
         verify = self.verify if verify is None else verify
         out = [Reading("", True, None)] * len(pages)
         todo = sorted((i for i, page in enumerate(pages) if page is not None),
@@ -370,21 +377,20 @@ class LatexOCR:
                  verify: bool | None = None) -> str:
         """LaTeX of one image: a path, bytes, file object, PIL image or numpy array. A blank
         image gives ""; an unreadable one raises `pix2tex.preprocess.ImageError`."""
-        page, crop = self.preprocess(image, keep_crop=True)
+        page, crop = self.prepare(image, verify=verify)
         return self.recognize([page], beam_width, temperature, verify=verify, crops=[crop])[0]
 
     def batch(self, images, beam_width: int | None = None, temperature: float | None = None,
               verify: bool | None = None) -> list[str]:
         """LaTeX of many images, in order. An unreadable image raises ImageError naming its index."""
-        verify = self.verify if verify is None else verify
         pages, crops = [], []
         for i, image in enumerate(images):
             try:
-                page, crop = self.preprocess(image, keep_crop=True)
+                page, crop = self.prepare(image, verify=verify)
             except ImageError as e:
                 raise type(e)(f"image {i}: {e}") from None
             pages.append(page)
-            crops.append(crop if verify else None)  # held only where needed: large images twice
+            crops.append(crop)
         return self.recognize(pages, beam_width, temperature, verify=verify, crops=crops)
 
 
@@ -530,14 +536,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 source = name
             try:
-                page, crop = model.preprocess(source, keep_crop=True)
+                page, crop = model.prepare(source)  # with --verify, also the image's ink at its scale
             except ImageError as e:
                 msg = str(e) if str(e).startswith(name) else f"{name}: {e}"
                 print(f"pix2tex: error: {msg}", file=sys.stderr)
                 failed += 1
                 page, crop = False, None  # placeholder: printed as an error, not a result
             pages.append(page)
-            crops.append(crop if model.verify else None)  # --verify compares with the ink at its scale
+            crops.append(crop)
             seconds.append(time.perf_counter() - t0)
             names.append(name)
         good = [i for i, p in enumerate(pages) if p is not False]

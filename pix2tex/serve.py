@@ -45,7 +45,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -308,12 +307,11 @@ async def recognize_upload(model, inference: "InferenceQueue", decoders: ThreadP
     loop = asyncio.get_running_loop()
     try:
         page, crop = await asyncio.wait_for(
-            loop.run_in_executor(decoders, partial(model.preprocess, data, limits.max_pixels, keep_crop=True)),
+            loop.run_in_executor(decoders, model.prepare, data, limits.max_pixels),
             max(0.0, deadline - time.monotonic()))
         if page is None:
             reading = Reading("", True, None)  # a blank image: nothing to recognize
         else:
-            crop = crop if getattr(model, "verify", False) else None  # only verification needs it
             reading = await asyncio.wait_for(inference.submit(page, deadline, crop),
                                              max(0.0, deadline - time.monotonic()))
     except ImageTooLarge as e:

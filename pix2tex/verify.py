@@ -16,7 +16,7 @@ the drawing resized onto the page's ink box): it matches when no connected group
 or more pixels differs. The same formula drawn at the same dpi differs in nothing or in
 scattered pixels; a changed symbol differs in a stroke. On 100 im2latex val formulas drawn in
 each of the six fonts at 100-130 dpi, each also with one symbol changed (bench/verify.py):
-96-99 of the right formulas verify in every font, and 0-3 of the changed ones (a stroke of a
+97-99 of the right formulas verify in every font, and 0-3 of the changed ones (a stroke of a
 few pixels: a subscript 0 -> 9). The page must be the image at the scale it was drawn: `LatexOCR`
 passes the image's ink crop, before preprocessing resizes it. A resampled copy, or a page drawn
 by another renderer, rarely matches pixel for pixel: its answer stays unverified (precision
@@ -231,14 +231,14 @@ def _beyond(pages, flat, drawings) -> list[tuple[int, str, int]]:
     out = []
     for i, made in drawings.items():
         box = ink_box(pages[flat[i][0]])
+        if box is None:
+            continue
         by_font: dict[str, list[tuple[int, tuple[int, int]]]] = {}
         for font, d, r in made:
             theirs = None if r is None else ink_box(r)
             if theirs is not None:
                 by_font.setdefault(font, []).append((d, theirs))
         for font, boxes in by_font.items():
-            if box is None:
-                continue
             (lo, small), (hi, large) = min(boxes), max(boxes)
             if large[0] <= box[0] and large[1] <= box[1]:
                 out += [(i, font, hi + d) for d in range(1, FAR + 1)]
